@@ -1,0 +1,1 @@
+"""adaptor_jax: Mamba-Adaptor in JAX/Flax."""
