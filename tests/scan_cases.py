@@ -1,11 +1,28 @@
-"""Random inputs and error measures shared by the selective-scan tests."""
+"""Random inputs, error measures and the oracle comparison shared by the selective-scan tests."""
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+import kernels
+
 ARG_NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
+FWD_TOL = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2}
+GRAD_TOL = {jnp.float32: 1e-4, jnp.bfloat16: 1e-2}
+
+# Model shapes the kernels must lower at, (batch, L, D, G, N): the VMamba-T stages (the 4 scan
+# routes are the groups, N = 1) and Vim-T.
+MODEL_SHAPES = {
+    "vmamba_t_stage1": (8, 3136, 384, 4, 1),
+    "vmamba_t_stage2": (8, 784, 768, 4, 1),
+    "vmamba_t_stage3": (8, 196, 1536, 4, 1),
+    "vmamba_t_stage4": (8, 49, 3072, 4, 1),
+    "vim_t": (8, 197, 384, 1, 16),
+}
 
 
+@functools.partial(jax.jit, static_argnums=range(1, 10))
 def make_inputs(seed, batch=2, length=64, d_inner=8, n_state=1, groups=1, dtype=jnp.float32,
                 with_z=True, with_D=True, with_bias=True):
   """Fresh random inputs in the ranges mamba_ssm's own tests use. Returns a dict by ARG_NAMES."""
@@ -21,6 +38,15 @@ def make_inputs(seed, batch=2, length=64, d_inner=8, n_state=1, groups=1, dtype=
       z=jax.random.normal(ks[6], (batch, length, d_inner), f32).astype(dtype) if with_z else None,
       delta_bias=0.5 * jax.random.uniform(ks[7], (d_inner,), f32) if with_bias else None,
   )
+
+
+def export_args(shape, dtype):
+  """ShapeDtypeStructs of the backends' positional arguments (with z) at a MODEL_SHAPES entry."""
+  batch, length, d_inner, groups, n_state = shape
+  S, f32 = jax.ShapeDtypeStruct, jnp.float32
+  act, bc = S((batch, length, d_inner), dtype), S((batch, length, groups, n_state), dtype)
+  return (act, act, S((d_inner, n_state), f32), bc, bc, S((d_inner,), f32), act,
+          S((d_inner,), f32))
 
 
 def rel_err(x, ref):
@@ -50,3 +76,43 @@ def value_and_grads(fn, inputs, seed=123, **flags):
 
   y, last, grads = run([inputs[k] for k in names])
   return y, last, dict(zip(names, grads))
+
+
+def check_against_reference(backend, inputs, name="", **flags):
+  """Asserts that `backend` (a name or a backend function) gives the reference's y, last state
+  and every gradient within FWD_TOL / GRAD_TOL of the inputs' dtype; prints the errors."""
+  dtype = inputs["u"].dtype.type
+  y, last, grads = value_and_grads(
+      functools.partial(kernels.selective_scan, backend=backend), inputs, **flags)
+  y_r, last_r, grads_r = value_and_grads(
+      functools.partial(kernels.selective_scan, backend="reference"), inputs, **flags)
+  assert y.shape == inputs["u"].shape and y.dtype == dtype
+  assert last.shape == last_r.shape and last.dtype == jnp.float32
+  for k, g in grads.items():
+    assert g.shape == inputs[k].shape and g.dtype == grads_r[k].dtype, k
+  errs = {"y": rel_err(y, y_r), "last": rel_err(last, last_r)}
+  errs.update({f"d{k}": rel_err(grads[k], grads_r[k]) for k in grads_r})
+  print(f"\n{name} {flags}: " + " ".join(f"{k}={v:.1e}" for k, v in errs.items()))
+  assert errs["y"] <= FWD_TOL[dtype] and errs["last"] <= FWD_TOL[dtype], errs
+  assert all(v <= GRAD_TOL[dtype] for k, v in errs.items() if k.startswith("d")), errs
+  return y
+
+
+def check_unit_readout(backend, seed=3, reverse=False):
+  """Adaptor-T's use of the op (DESIGN.md §3): with C = 1, D = None and N = 1 it returns the
+  hidden states h themselves. Compares with a float64 NumPy loop, then checks the gradients."""
+  batch, length, d_inner, groups = 2, 33, 8, 4
+  inputs = make_inputs(seed, batch, length, d_inner, 1, groups, with_z=False, with_D=False)
+  inputs["C"] = jnp.ones_like(inputs["C"])
+  y = kernels.selective_scan(**inputs, delta_softplus=True, reverse=reverse, backend=backend)
+  u, delta, A, B = (np.asarray(inputs[k], np.float64) for k in ("u", "delta", "A", "B"))
+  delta = np.log1p(np.exp(delta + np.asarray(inputs["delta_bias"])))
+  B = np.repeat(B[..., 0], d_inner // groups, axis=2)
+  h, want = np.zeros((batch, d_inner)), np.zeros_like(u)
+  for t in (range(length - 1, -1, -1) if reverse else range(length)):
+    h = np.exp(delta[:, t] * A[:, 0]) * h + delta[:, t] * B[:, t] * u[:, t]
+    want[:, t] = h
+  err = rel_err(y, want)
+  print(f"\nunit read-out reverse={reverse}: states {err:.1e}")
+  assert err <= FWD_TOL[jnp.float32]
+  check_against_reference(backend, inputs, "unit read-out", delta_softplus=True, reverse=reverse)

@@ -1,7 +1,5 @@
 """The op's contract: the oracle against finite differences, the xla backend against the oracle,
 argument checks, backend choice and the memory bound. The Pallas kernels have their own files."""
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,10 +8,7 @@ from jax.test_util import check_grads
 
 import kernels
 from kernels import reference
-from scan_cases import make_inputs, rel_err, value_and_grads
-
-FWD_TOL = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2}
-GRAD_TOL = {jnp.float32: 1e-4, jnp.bfloat16: 1e-2}
+from scan_cases import ARG_NAMES, check_against_reference, check_unit_readout, make_inputs
 
 # (batch, L, D, N, G, reverse, delta_softplus, with_z, with_D, dtype)
 CASES = [
@@ -31,29 +26,12 @@ CASES = [
 ]
 
 
-def compare(backend, case, seed):
-  batch, length, d_inner, n_state, groups, reverse, softplus, with_z, with_D, dtype = case
-  inputs = make_inputs(seed, batch, length, d_inner, n_state, groups, dtype, with_z, with_D)
-  flags = dict(delta_softplus=softplus, reverse=reverse)
-  ref = value_and_grads(functools.partial(kernels.selective_scan, backend="reference"), inputs,
-                        **flags)
-  got = value_and_grads(functools.partial(kernels.selective_scan, backend=backend), inputs,
-                        **flags)
-  assert got[0].dtype == dtype and got[0].shape == (batch, length, d_inner)
-  assert got[1].dtype == jnp.float32 and got[1].shape == (batch, d_inner, n_state)
-  errors = {"y": rel_err(got[0], ref[0]), "last": rel_err(got[1], ref[1])}
-  errors.update({f"d{k}": rel_err(got[2][k], ref[2][k]) for k in ref[2]})
-  for k in ref[2]:
-    assert got[2][k].shape == ref[2][k].shape and got[2][k].dtype == ref[2][k].dtype, k
-  print(backend, case, {k: f"{v:.1e}" for k, v in errors.items()})
-  for name, err in errors.items():
-    tol = FWD_TOL[dtype] if name in ("y", "last") else GRAD_TOL[dtype]
-    assert err <= tol, (name, err)
-
-
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_xla_matches_reference(case):
-  compare("xla", case, seed=hash(case) % 1000)
+  batch, length, d_inner, n_state, groups, reverse, softplus, with_z, with_D, dtype = case
+  inputs = make_inputs(length + n_state, batch, length, d_inner, n_state, groups, dtype, with_z,
+                       with_D)
+  check_against_reference("xla", inputs, str(case), delta_softplus=softplus, reverse=reverse)
 
 
 @pytest.mark.parametrize("reverse", [False, True])
@@ -62,26 +40,14 @@ def test_reference_gradients_match_finite_differences(reverse):
     inputs = make_inputs(7, batch=1, length=5, d_inner=4, n_state=2, groups=2)
     inputs = {k: v.astype(jnp.float64) for k, v in inputs.items()}
     fn = lambda *a: reference.selective_scan(*a, True, True, reverse)
-    check_grads(fn, tuple(inputs.values()), order=1, modes=["rev"], atol=1e-6, rtol=1e-6)
+    check_grads(fn, tuple(inputs[k] for k in ARG_NAMES), order=1, modes=["rev"], atol=1e-6,
+                rtol=1e-6)
 
 
 @pytest.mark.parametrize("backend", ["reference", "xla"])
 @pytest.mark.parametrize("reverse", [False, True])
 def test_unit_readout_returns_the_hidden_states(backend, reverse):
-  """Adaptor-T's use: with C = 1, D = 0 and N = 1 the op returns h itself (DESIGN.md §3)."""
-  inp = make_inputs(3, batch=2, length=33, d_inner=8, n_state=1, groups=4, with_z=False,
-                    with_D=False)
-  inp["C"] = jnp.ones_like(inp["C"])
-  y = kernels.selective_scan(**inp, delta_softplus=True, reverse=reverse, backend=backend)
-  u, delta, A, B = (np.asarray(inp[k], np.float64) for k in ("u", "delta", "A", "B"))
-  delta = np.log1p(np.exp(delta + np.asarray(inp["delta_bias"])))
-  B = np.repeat(B[..., 0], 2, axis=2)
-  h = np.zeros((2, 8))
-  want = np.zeros_like(u)
-  for t in (range(32, -1, -1) if reverse else range(33)):
-    h = np.exp(delta[:, t] * A[:, 0]) * h + delta[:, t] * B[:, t] * u[:, t]
-    want[:, t] = h
-  assert rel_err(y, want) <= 1e-5
+  check_unit_readout(backend, reverse=reverse)
 
 
 def test_last_state_only_on_request():
@@ -128,9 +94,11 @@ def test_unknown_backend():
 
 
 def _temp_bytes_over_activation(backend, length, n_state):
+  jax.config.update("jax_disable_most_optimizations", False)  # measure what users compile
   inp = make_inputs(0, batch=2, length=length, d_inner=64, n_state=n_state)
   loss = lambda x: jnp.sum(kernels.selective_scan(**x, delta_softplus=True, backend=backend))
   analysis = jax.jit(jax.grad(loss)).lower(inp).compile().memory_analysis()
+  jax.config.update("jax_disable_most_optimizations", True)
   return analysis.temp_size_in_bytes / (2 * length * 64 * 4)
 
 

@@ -1,0 +1,11 @@
+"""Test-wide settings."""
+import jax
+import pytest
+
+
+@pytest.fixture(autouse=True, scope="session")
+def fast_compiles():
+  """Most test programs (interpreted kernels above all) are big and run once: skip XLA's
+  expensive optimisation passes. Tests that measure compiled memory turn them back on."""
+  jax.config.update("jax_disable_most_optimizations", True)
+  yield
