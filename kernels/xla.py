@@ -17,7 +17,7 @@ import jax.numpy as jnp
 
 from kernels.reference import expand_groups
 
-CHUNK = 16
+CHUNK = 8
 
 
 def _combine(first, second):
