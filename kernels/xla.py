@@ -8,7 +8,8 @@ recomputes the chunk's states from that start state and runs the adjoint recurre
 dh_t = C_t dy_t + a_{t+1} dh_{t+1} the same way. Nothing of size (batch, L, D, N) is ever live,
 so memory stays O(batch * L * D) for any N (see benchmarks/scan_memory.py).
 
-The chunk size was chosen by measurement (benchmarks/scan.py, benchmarks/README.md).
+The chunk size and the in-chunk scan were chosen by measurement: benchmarks/scan_xla_variants.py,
+whose table is in benchmarks/README.md.
 """
 import functools
 

@@ -1,5 +1,6 @@
 """Random inputs, error measures and the oracle comparison shared by the selective-scan tests."""
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -47,6 +48,13 @@ def export_args(shape, dtype):
   act, bc = S((batch, length, d_inner), dtype), S((batch, length, groups, n_state), dtype)
   return (act, act, S((d_inner, n_state), f32), bc, bc, S((d_inner,), f32), act,
           S((d_inner,), f32))
+
+
+def largest_tensor(mlir_text):
+  """The element count of the largest tensor type in an exported module's text."""
+  sizes = [np.prod([int(d) for d in dims.split("x")[:-1]], dtype=np.int64)
+           for dims in re.findall(r"tensor<((?:\d+x)+)\w+>", mlir_text)]
+  return int(max(sizes))
 
 
 def rel_err(x, ref):

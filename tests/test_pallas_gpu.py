@@ -10,7 +10,7 @@ import pytest
 import kernels
 from kernels import pallas_gpu
 from scan_cases import (MODEL_SHAPES, check_against_reference, check_unit_readout, export_args,
-                        make_inputs)
+                        largest_tensor, make_inputs)
 
 TRITON_CALL = "__gpu$xla.gpu.triton"
 
@@ -67,7 +67,7 @@ EXPORT_SHAPES = {**MODEL_SHAPES, "n3": (2, 100, 64, 2, 3)}
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("name", EXPORT_SHAPES)
 def test_lowers_for_cuda(name, dtype):
-  batch, length, d_inner, _, _ = shape = EXPORT_SHAPES[name]
+  batch, length, d_inner, _, n_state = shape = EXPORT_SHAPES[name]
   args = export_args(shape, dtype)
 
   def fwd(*a):  # backend="auto" must pick the Triton kernels when lowered for CUDA
@@ -85,5 +85,7 @@ def test_lowers_for_cuda(name, dtype):
     assert calls.count(TRITON_CALL) == n_calls, calls
     assert re.findall(r'name = "(selective_scan_\w+)"', text)[-n_calls:] == (
         ["selective_scan_fwd", "selective_scan_bwd"][:n_calls]), text[-2000:]
+    if n_state > 1:  # nothing the size of the (batch, L, D, N) states reaches HBM
+      assert largest_tensor(text) < batch * length * d_inner * n_state
     out_y = exp.out_avals[0]
     assert out_y.shape == (batch, length, d_inner) and out_y.dtype == dtype

@@ -17,7 +17,7 @@ from jax.experimental.pallas import tpu as pltpu
 import kernels
 from kernels import pallas_tpu
 from scan_cases import (MODEL_SHAPES, check_against_reference, check_unit_readout, export_args,
-                        make_inputs)
+                        largest_tensor, make_inputs)
 
 INTERPRET = pltpu.InterpretParams(detect_races=True, out_of_bounds_reads="uninitialized")
 
@@ -143,6 +143,9 @@ def test_exports_for_tpu(name, dtype):
   assert fwd.count("tpu_custom_call") >= 1
   assert bwd.count("tpu_custom_call") >= 2  # the forward (residuals) and the backward kernel
   assert "selective_scan_fwd" in fwd and "selective_scan_bwd" in bwd
+  batch, length, d_inner, _, n_state = shape
+  if n_state > 1:  # nothing the size of the (batch, L, D, N) states reaches HBM
+    assert largest_tensor(bwd) < batch * length * d_inner * n_state
 
 
 def test_auto_backend_exports_the_mosaic_kernels_for_tpu():
