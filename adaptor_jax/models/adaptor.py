@@ -1,0 +1,105 @@
+"""Adaptor-T (learned memory selection over the scan's hidden states) and Adaptor-S (multi-scale
+dilated depthwise convolutions), DESIGN.md §3.
+
+Both act inside SS2D. Adaptor-T takes the hidden states of the four scan routes, h_BLRD
+(route r = direction * 2 + sequence: 0 row-major, 1 column-major, 2 and 3 the same sequences scanned
+in reverse), all indexed in the original (unflipped) sequence order. For every position i, route r
+and channel group s it reads K earlier states of that route's scan ("earlier" means larger i for the
+reverse routes) at fractional locations, by linear interpolation, and adds their weighted sum:
+  h'_i = h_i + gamma_r * sum_k c_k h_{p_k},   p_k = clip(i -/+ w_s sigmoid(o_k), 0, L-1),
+  w_s = L / 2^(S-1-s),   o = phi_p(h_i),   c = softmax(phi_c(h_i)).
+"""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from adaptor_jax.models import common
+
+ROUTES = 4
+
+
+@dataclasses.dataclass(frozen=True)
+class AdaptorConfig:
+  """The adaptor's hyper-parameters; the same ones go into every preset that has an adaptor."""
+  num_groups: int = 4         # S: channel groups ("sequences"), group s looks back L / 2^(S-1-s)
+  num_points: int = 4         # K: locations read per position and group
+  selection: str = "learned"  # "learned" (phi_p, phi_c) or "static" (even spacing, uniform c)
+  dilations: tuple = (1, 2, 3)  # Adaptor-S depthwise 3x3 convolutions
+
+  def __post_init__(self):
+    if self.selection not in ("learned", "static"):
+      raise ValueError(f"AdaptorConfig.selection must be 'learned' or 'static', got {self.selection!r}")
+    if self.num_groups < 1 or self.num_points < 1:
+      raise ValueError("AdaptorConfig.num_groups and num_points must be >= 1, got "
+                       f"{self.num_groups} and {self.num_points}")
+    if not self.dilations or min(self.dilations) < 1:
+      raise ValueError(f"AdaptorConfig.dilations must be positive, got {self.dilations!r}")
+
+
+class AdaptorT(nnx.Module):
+  """Memory selection on the hidden states h_BLRD of the four routes (Di channels each)."""
+
+  def __init__(self, d_inner, cfg: AdaptorConfig, *, gamma_init, dtype, rngs):
+    S, K = cfg.num_groups, cfg.num_points
+    if d_inner % S:
+      raise ValueError(f"AdaptorT: inner width {d_inner} is not divisible by num_groups={S}")
+    self.num_groups, self.num_points, self.dtype = S, K, dtype
+    self.selection = cfg.selection
+    if cfg.selection == "learned":
+      # phi_p's bias starts the K locations evenly spread over each group's window.
+      spread = np.log((np.arange(K) + 0.5) / K) - np.log1p(-(np.arange(K) + 0.5) / K)
+      self.phi_p = common.param(rngs, common.trunc_normal, (ROUTES, d_inner, S * K),
+                                "route", "inner", None)
+      self.phi_p_bias = nnx.Param(jnp.tile(jnp.asarray(spread, jnp.float32), (ROUTES, S)),
+                                  out_sharding=("route", None), eager_sharding=False)
+      self.phi_c = common.param(rngs, common.trunc_normal, (ROUTES, d_inner, S * K),
+                                "route", "inner", None)
+      self.phi_c_bias = common.param(rngs, common.zeros, (ROUTES, S * K), "route", None)
+    self.gamma = nnx.Param(jnp.full((ROUTES, d_inner), gamma_init, jnp.float32),
+                           out_sharding=("route", "inner"), eager_sharding=False)
+
+  def __call__(self, h_BLRD):
+    B, L, R, D = h_BLRD.shape
+    S, K = self.num_groups, self.num_points
+    if self.selection == "learned":
+      def head(w, b):
+        out = jnp.einsum("blrd,rdc->blrc", h_BLRD, w[...].astype(h_BLRD.dtype))
+        return (out.astype(jnp.float32) + b[...]).reshape(B, L, R, S, K)
+      move_BLRSK = jax.nn.sigmoid(head(self.phi_p, self.phi_p_bias))
+      c_BLRSK = jax.nn.softmax(head(self.phi_c, self.phi_c_bias), axis=-1)
+    else:
+      move_BLRSK = jnp.broadcast_to((jnp.arange(K) + 1.0) / K, (B, L, R, S, K))
+      c_BLRSK = jnp.full((B, L, R, S, K), 1.0 / K)
+    window_S = L / 2.0 ** (S - 1 - jnp.arange(S, dtype=jnp.float32))
+    back_R = jnp.array([-1.0, -1.0, 1.0, 1.0])  # forward routes look left, reverse ones right
+    i_L = jnp.arange(L, dtype=jnp.float32)
+    p_BLRSK = jnp.clip(i_L[:, None, None, None]
+                       + back_R[:, None, None] * window_S[:, None] * move_BLRSK, 0.0, L - 1)
+    p0 = jnp.floor(p_BLRSK)
+    frac = p_BLRSK - p0
+    p0 = p0.astype(jnp.int32)
+    idx_BLRSJ = jnp.concatenate([p0, jnp.minimum(p0 + 1, L - 1)], axis=-1)  # J = 2K taps
+    w_BLRSJ = jnp.concatenate([c_BLRSK * (1.0 - frac), c_BLRSK * frac], axis=-1)
+    h_BLRSd = h_BLRD.reshape(B, L, R, S, D // S)
+    idx = idx_BLRSJ.transpose(0, 1, 4, 2, 3).reshape(B, L * 2 * K, R, S, 1)
+    taps_BLJRSd = jnp.take_along_axis(h_BLRSd, idx, axis=1).reshape(B, L, 2 * K, R, S, D // S)
+    read_BLRSd = jnp.einsum("bljrsd,blrsj->blrsd", taps_BLJRSd, w_BLRSJ.astype(h_BLRD.dtype))
+    gamma = self.gamma[...].astype(h_BLRD.dtype)
+    return h_BLRD + gamma * read_BLRSd.reshape(B, L, R, D)
+
+
+class AdaptorS(nnx.Module):
+  """y + sum_d DWConv3x3_dilation=d(y) on the merged SS2D output y_BHWD."""
+
+  def __init__(self, d_inner, cfg: AdaptorConfig, *, zero_init, dtype, rngs):
+    init = common.zeros if zero_init else None
+    self.convs = nnx.List([
+        common.conv(d_inner, d_inner, 3, groups=d_inner, dilation=d, init=init, dtype=dtype,
+                    names=(None, None, None, "inner"), rngs=rngs)
+        for d in cfg.dilations])
+
+  def __call__(self, y_BHWD):
+    return y_BHWD + sum(conv(y_BHWD) for conv in self.convs)

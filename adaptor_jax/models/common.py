@@ -1,0 +1,113 @@
+"""Pieces every model file shares: logical axis names, initialisers, LayerNorm, the named ops.
+
+Params carry logical axis names (`nnx.with_partitioning` metadata, not sharded at creation) so the
+training code can map them onto its mesh:
+  embed   model width C                     mlp      MLP hidden width
+  inner   SS2D / Mamba inner width Di       classes  classifier outputs
+  route   the four SS2D scan routes         None     never sharded (small axes)
+Three ops are jitted under fixed names (`layer_norm`, `global_avg_pool`, `selective_scan`) so the
+FLOP counter (counting.py) can find them in a traced model and count them like fvcore does.
+"""
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+import kernels
+
+
+def logical(init, *names):
+  """`init` with logical axis names; values are created unsharded (a mesh is not needed)."""
+  return nnx.with_partitioning(init, names, eager_sharding=False)
+
+
+def param(rngs, init, shape, *names):
+  """An `nnx.Param` of `shape` drawn from `init`, annotated with logical axis `names`."""
+  return nnx.Param(init(rngs.params(), shape, jnp.float32), out_sharding=names,
+                   eager_sharding=False)
+
+
+trunc_normal = nnx.initializers.truncated_normal(0.02, lower=-2.0 / 0.02, upper=2.0 / 0.02)
+zeros = nnx.initializers.zeros
+ones = nnx.initializers.ones
+
+
+def uniform(scale):
+  """U(-scale, scale)."""
+  return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -scale, scale)
+
+
+def fan_in_uniform(fan_in):
+  """U(-1/sqrt(fan_in), 1/sqrt(fan_in)): PyTorch's default for conv weights and biases."""
+  return uniform(1.0 / math.sqrt(fan_in))
+
+
+def gelu(x):
+  return jax.nn.gelu(x, approximate=False)
+
+
+@jax.jit
+def layer_norm(x, scale, bias, eps=1e-5):
+  """LayerNorm over the last axis, statistics in float32, result in x.dtype."""
+  x32 = x.astype(jnp.float32)
+  mean = x32.mean(-1, keepdims=True)
+  var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+  y = (x32 - mean) * jax.lax.rsqrt(var + eps) * scale + bias
+  return y.astype(x.dtype)
+
+
+@jax.jit
+def global_avg_pool(x_BHWC):
+  return x_BHWC.mean(axis=(1, 2))
+
+
+selective_scan = jax.jit(
+    kernels.selective_scan,
+    static_argnames=("delta_softplus", "return_last_state", "reverse", "backend"))
+
+
+class LayerNorm(nnx.Module):
+  """LayerNorm over channels (eps 1e-5, as PyTorch), params float32."""
+
+  def __init__(self, dim, *, axis_name="embed", rngs=None):
+    del rngs  # deterministic init; kept for a uniform constructor signature
+    self.scale = nnx.Param(jnp.ones((dim,), jnp.float32), out_sharding=(axis_name,),
+                           eager_sharding=False)
+    self.bias = nnx.Param(jnp.zeros((dim,), jnp.float32), out_sharding=(axis_name,),
+                          eager_sharding=False)
+
+  def __call__(self, x):
+    return layer_norm(x, self.scale[...], self.bias[...])
+
+
+def linear(din, dout, names, *, rngs, dtype, use_bias=True, init=trunc_normal):
+  """nnx.Linear with a truncated-normal(0.02) kernel, zero bias and logical axis names."""
+  return nnx.Linear(din, dout, use_bias=use_bias, dtype=dtype, kernel_init=logical(init, *names),
+                    bias_init=logical(zeros, names[-1]), rngs=rngs)
+
+
+def conv(din, dout, kernel, *, rngs, dtype, stride=1, groups=1, dilation=1, use_bias=True,
+         init=None, names=(None, None, None, "embed")):
+  """nnx.Conv, NHWC, PyTorch padding (kernel // 2 * dilation) and PyTorch's default init."""
+  fan_in = din // groups * kernel * kernel
+  init = fan_in_uniform(fan_in) if init is None else init
+  pad = kernel // 2 * dilation
+  return nnx.Conv(din, dout, (kernel, kernel), strides=stride, padding=((pad, pad), (pad, pad)),
+                  kernel_dilation=dilation, feature_group_count=groups, use_bias=use_bias,
+                  dtype=dtype, kernel_init=logical(init, *names),
+                  bias_init=logical(init if init is not zeros else zeros, names[-1]),
+                  rngs=rngs)
+
+
+def drop_path(rate, rngs, ndim=4):
+  """Stochastic depth: drops a whole sample's residual branch (nnx.Dropout broadcast over all
+  but the batch axis of an `ndim`-dimensional input)."""
+  return nnx.Dropout(rate, broadcast_dims=tuple(range(1, ndim)), rngs=rngs)
+
+
+def dt_bias_init(key, shape, dtype=jnp.float32, dt_min=1e-3, dt_max=0.1, floor=1e-4):
+  """softplus^-1 of dt ~ exp(U(log dt_min, log dt_max)) clamped at `floor` (Mamba's init)."""
+  log_dt = jax.random.uniform(key, shape, jnp.float32, math.log(dt_min), math.log(dt_max))
+  dt = jnp.maximum(jnp.exp(log_dt), floor)
+  return (dt + jnp.log(-jnp.expm1(-dt))).astype(dtype)

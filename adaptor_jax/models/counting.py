@@ -1,0 +1,81 @@
+"""Parameter and FLOP counts, FLOPs as fvcore counts them (multiply-adds).
+
+The model is traced to a jaxpr (no compute) and its equations are counted:
+  dot_general            output size x contracted size
+  conv_general_dilated   output size x (input channels / groups) x kernel area
+  layer_norm             5 per element (fvcore's count for an affine LayerNorm)
+  global_avg_pool        1 per input element
+  selective_scan         9 B L D N + B L D (VMamba's count: its D term included)
+Everything else (activations, additions, element-wise products, gathers) counts 0, as in fvcore.
+The last three are found by the names under which adaptor_jax.models.common jits them.
+"""
+import math
+
+import jax
+import jax.extend
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+
+def count_params(model):
+  """Number of parameters (shared ones once)."""
+  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+def _dot_general(eqn):
+  (contract, _), _ = eqn.params["dimension_numbers"]
+  lhs = eqn.invars[0].aval.shape
+  return math.prod(eqn.outvars[0].aval.shape) * math.prod(lhs[d] for d in contract)
+
+
+def _conv(eqn):
+  dn = eqn.params["dimension_numbers"]
+  rhs = eqn.invars[1].aval.shape
+  in_per_group = rhs[dn.rhs_spec[1]]
+  kernel_area = math.prod(rhs[d] for d in dn.rhs_spec[2:])
+  return math.prod(eqn.outvars[0].aval.shape) * in_per_group * kernel_area
+
+
+def _scan(eqn):
+  u, _, A = (v.aval.shape for v in eqn.invars[:3])
+  batch, length, d = u
+  return 9 * batch * length * d * A[1] + batch * length * d
+
+
+PRIMITIVES = {"dot_general": _dot_general, "conv_general_dilated": _conv}
+NAMED = {
+    "layer_norm": lambda eqn: 5 * math.prod(eqn.invars[0].aval.shape),
+    "global_avg_pool": lambda eqn: math.prod(eqn.invars[0].aval.shape),
+    "selective_scan": _scan,
+}
+
+
+def count_jaxpr(jaxpr, by_kind=None):
+  """Multiply-adds in `jaxpr`; `by_kind` (a dict) collects them per counted operation."""
+  total = 0
+  for eqn in jaxpr.eqns:
+    name = eqn.params.get("name") if eqn.primitive.name in ("pjit", "jit") else None
+    rule = NAMED.get(name) or PRIMITIVES.get(eqn.primitive.name)
+    if rule is not None:
+      n = rule(eqn)
+      kind = name or eqn.primitive.name
+      if by_kind is not None:
+        by_kind[kind] = by_kind.get(kind, 0) + n
+      total += n
+    else:
+      total += sum(count_jaxpr(sub, by_kind) 
+                 for sub in jax.extend.core.jaxprs_in_params(eqn.params))
+  return total
+
+
+def count_flops(model, image_size=224, batch=1, by_kind=None):
+  """Multiply-adds of one forward pass of `model` on (batch, image_size, image_size, 3) images."""
+  graphdef, state = nnx.split(model)
+
+  def forward(state, x):
+    return nnx.merge(graphdef, state)(x)
+
+  x = jax.ShapeDtypeStruct((batch, image_size, image_size, 3), jnp.float32)
+  closed = jax.make_jaxpr(forward)(state, x)
+  return count_jaxpr(closed.jaxpr, by_kind)

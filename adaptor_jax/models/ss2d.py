@@ -1,0 +1,87 @@
+"""SS2D: VMamba v2's 2-D selective scan ("v05_noz"), optionally carrying Adaptor-T and Adaptor-S.
+
+x_BHWC -> in_proj -> depthwise 3x3 -> SiLU = u. The four routes over L = H*W are row-major and
+column-major sequences, each scanned forward and in reverse (the op's `reverse=True`, so no flipped
+copy exists). Route r = direction * 2 + sequence; per route: x_proj (Di -> R + 2N) gives dt, B, C;
+dt_proj (R -> Di) gives delta. The routes are merged by summing them back in (H, W) order, then
+out_norm -> out_proj.
+
+With an adaptor the scan runs with C = 1 and D = 0, which for N = 1 returns the hidden states h;
+Adaptor-T rewrites them and the output y = C * h' + D * u is formed here, route by route.
+Adaptor-S acts on the merged y before out_norm.
+"""
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from adaptor_jax.models import common
+from adaptor_jax.models.adaptor import ROUTES
+
+
+class SS2D(nnx.Module):
+
+  def __init__(self, d_model, *, ssm_ratio, d_state=1, adaptor_t=None, adaptor_s=None,
+               dtype=jnp.float32, scan_backend="auto", rngs):
+    d_inner = int(ssm_ratio * d_model)
+    rank = math.ceil(d_model / 16)
+    if adaptor_t is not None and d_state != 1:
+      raise ValueError(f"SS2D: Adaptor-T reads the scan's hidden states, which needs d_state=1; "
+                       f"got d_state={d_state}")
+    self.d_inner, self.d_state, self.dt_rank = d_inner, d_state, rank
+    self.dtype, self.scan_backend = dtype, scan_backend
+    self.in_proj = common.linear(d_model, d_inner, ("embed", "inner"), use_bias=False,
+                                 dtype=dtype, rngs=rngs)
+    self.conv2d = common.conv(d_inner, d_inner, 3, groups=d_inner, use_bias=False, dtype=dtype,
+                              names=(None, None, None, "inner"), rngs=rngs)
+    self.x_proj = common.param(rngs, common.fan_in_uniform(d_inner),
+                               (ROUTES, d_inner, rank + 2 * d_state), "route", "inner", None)
+    self.dt_proj = common.param(rngs, common.uniform(rank ** -0.5), (ROUTES, rank, d_inner),
+                                "route", None, "inner")
+    self.dt_bias = common.param(rngs, common.dt_bias_init, (ROUTES, d_inner), "route", "inner")
+    a_log = jnp.log(jnp.arange(1, d_state + 1, dtype=jnp.float32))
+    self.A_log = nnx.Param(jnp.broadcast_to(a_log, (ROUTES, d_inner, d_state)),
+                           out_sharding=("route", "inner", None), eager_sharding=False)
+    self.D = nnx.Param(jnp.ones((ROUTES, d_inner), jnp.float32), out_sharding=("route", "inner"),
+                       eager_sharding=False)
+    self.out_norm = common.LayerNorm(d_inner, axis_name="inner")
+    self.out_proj = common.linear(d_inner, d_model, ("inner", "embed"), use_bias=False,
+                                  dtype=dtype, rngs=rngs)
+    self.adaptor_t, self.adaptor_s = adaptor_t, adaptor_s
+
+  def __call__(self, x_BHWC):
+    u_BHWD = jax.nn.silu(self.conv2d(self.in_proj(x_BHWC)))
+    Bsz, H, W, Di = u_BHWD.shape
+    L, N, R = H * W, self.d_state, self.dt_rank
+    rows = u_BHWD.reshape(Bsz, L, Di)
+    cols = u_BHWD.transpose(0, 2, 1, 3).reshape(Bsz, L, Di)
+    xs_BLJD = jnp.stack([rows, cols], axis=2)  # J: the two sequences
+    cdt = self.dtype
+    x_proj = self.x_proj[...].astype(cdt).reshape(2, 2, Di, R + 2 * N)  # (direction, sequence, ...)
+    dbl_BLIJC = jnp.einsum("bljd,ijdc->blijc", xs_BLJD, x_proj)
+    dt_BLIJR, B_BLIJN, C_BLIJN = jnp.split(dbl_BLIJC, [R, R + N], axis=-1)
+    delta_BLIJD = jnp.einsum("blijr,ijrd->blijd", dt_BLIJR,
+                             self.dt_proj[...].astype(cdt).reshape(2, 2, R, Di))
+    A_IEN = -jnp.exp(self.A_log[...]).reshape(2, 2 * Di, N)
+    D_IE = self.D[...].reshape(2, 2 * Di)
+    bias_IE = self.dt_bias[...].reshape(2, 2 * Di)
+    u_BLE = xs_BLJD.reshape(Bsz, L, 2 * Di)
+    adapt = self.adaptor_t is not None
+    ones_BLJN = jnp.ones((Bsz, L, 2, N), u_BLE.dtype)
+    outs = [common.selective_scan(
+        u_BLE, delta_BLIJD[:, :, i].reshape(Bsz, L, 2 * Di), A_IEN[i], B_BLIJN[:, :, i],
+        ones_BLJN if adapt else C_BLIJN[:, :, i], None if adapt else D_IE[i], None, bias_IE[i],
+        delta_softplus=True, reverse=bool(i), backend=self.scan_backend) for i in (0, 1)]
+    y_BLRD = jnp.stack(outs, axis=2).reshape(Bsz, L, ROUTES, Di)
+    if adapt:  # the scan returned h; form y = C * h' + D * u per route
+      h_BLRD = self.adaptor_t(y_BLRD)
+      C_BLRN = C_BLIJN.reshape(Bsz, L, ROUTES, N)
+      D_RD = self.D[...].astype(h_BLRD.dtype)
+      y_BLRD = C_BLRN * h_BLRD + D_RD * jnp.concatenate([xs_BLJD, xs_BLJD], axis=2)
+    y_rows = (y_BLRD[:, :, 0] + y_BLRD[:, :, 2]).reshape(Bsz, H, W, Di)
+    y_cols = (y_BLRD[:, :, 1] + y_BLRD[:, :, 3]).reshape(Bsz, W, H, Di).transpose(0, 2, 1, 3)
+    y_BHWD = y_rows + y_cols
+    if self.adaptor_s is not None:
+      y_BHWD = self.adaptor_s(y_BHWD)
+    return self.out_proj(self.out_norm(y_BHWD))

@@ -1,0 +1,203 @@
+"""The VMamba-family models: SS2D and Adaptor-T against oracles, the forms, shapes and gradients."""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import model_oracles
+from adaptor_jax.models import AdaptorConfig, VSSM, trainable, trainable_mask
+from adaptor_jax.models.adaptor import AdaptorS, AdaptorT
+from adaptor_jax.models.ss2d import SS2D
+
+SMALL = dict(dims=(16, 32, 64), depths=(1, 2, 1), ssm_ratio=2.0, scan_backend="reference")
+
+
+def rel_err(x, ref):
+  return float(jnp.max(jnp.abs(x - ref)) / jnp.max(jnp.abs(ref)))
+
+
+def randomize(module, seed, scale=0.1):
+  """Moves every param off its initial value (zero-initialised ones included)."""
+  state = nnx.state(module, nnx.Param)
+  leaves, treedef = jax.tree.flatten(state)
+  keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
+  leaves = [x + scale * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)]
+  nnx.update(module, jax.tree.unflatten(treedef, leaves))
+
+
+def pure_params(module):
+  return nnx.state(module, nnx.Param).to_pure_dict()
+
+
+def numpy_adaptor_t(h, p, S, K, learned):
+  """Adaptor-T by loops over batch, position, route, group and point (float64)."""
+  h = np.asarray(h, np.float64)
+  Bsz, L, R, D = h.shape
+  dg = D // S
+  out = h.copy()
+  for b in range(Bsz):
+    for i in range(L):
+      for r in range(R):
+        if learned:
+          o = (h[b, i, r] @ p["phi_p"][r] + p["phi_p_bias"][r]).reshape(S, K)
+          logits = (h[b, i, r] @ p["phi_c"][r] + p["phi_c_bias"][r]).reshape(S, K)
+          c = np.exp(logits - logits.max(-1, keepdims=True))
+          c /= c.sum(-1, keepdims=True)
+          move = 1 / (1 + np.exp(-o))
+        else:
+          move = np.broadcast_to((np.arange(K) + 1.0) / K, (S, K))
+          c = np.full((S, K), 1.0 / K)
+        for s in range(S):
+          window = L / 2 ** (S - 1 - s)
+          g = slice(s * dg, (s + 1) * dg)
+          for k in range(K):
+            pos = i - window * move[s, k] if r < 2 else i + window * move[s, k]
+            pos = min(max(pos, 0.0), L - 1.0)
+            lo = int(np.floor(pos))
+            hi = min(lo + 1, L - 1)
+            f = pos - lo
+            value = (1 - f) * h[b, lo, r, g] + f * h[b, hi, r, g]
+            out[b, i, r, g] += p["gamma"][r, g] * c[s, k] * value
+  return out
+
+
+@pytest.mark.parametrize("selection", ["learned", "static"])
+def test_adaptor_t_matches_numpy_loops(selection):
+  S, K, D, L = 2, 3, 8, 13
+  cfg = AdaptorConfig(num_groups=S, num_points=K, selection=selection)
+  module = AdaptorT(D, cfg, gamma_init=1.0, dtype=jnp.float32, rngs=nnx.Rngs(0))
+  randomize(module, seed=1, scale=0.5)
+  h = jax.random.normal(jax.random.PRNGKey(2), (2, L, 4, D))
+  got = jax.jit(lambda h: module(h))(h)
+  p = {k: np.asarray(v) for k, v in pure_params(module).items()}
+  want = numpy_adaptor_t(h, p, S, K, selection == "learned")
+  err = rel_err(got, want)
+  print(f"adaptor_t {selection}: rel err {err:.1e}")
+  assert err <= 1e-5
+
+
+def _ss2d_case(with_adaptor, seed):
+  cfg = AdaptorConfig(num_groups=2, num_points=3)
+  rngs = nnx.Rngs(seed)
+  d_model, ratio = 8, 2.0
+  kw = {}
+  if with_adaptor:
+    kw = dict(adaptor_t=AdaptorT(16, cfg, gamma_init=1.0, dtype=jnp.float32, rngs=rngs),
+              adaptor_s=AdaptorS(16, cfg, zero_init=False, dtype=jnp.float32, rngs=rngs))
+  module = SS2D(d_model, ssm_ratio=ratio, rngs=rngs, **kw)
+  randomize(module, seed + 1, scale=0.2)
+  x = jax.random.normal(jax.random.PRNGKey(seed + 2), (2, 5, 7, d_model))  # H != W
+  oracle = functools.partial(model_oracles.ss2d, adaptor=dict(num_groups=2, num_points=3)
+                             if with_adaptor else None)
+  return module, x, oracle
+
+
+@pytest.mark.parametrize("with_adaptor", [False, True], ids=["plain", "adaptor"])
+def test_ss2d_matches_route_by_route_oracle(with_adaptor):
+  """Forward and gradients (input and every param) against flipped copies scanned one by one."""
+  module, x, oracle = _ss2d_case(with_adaptor, seed=3 + with_adaptor)
+  graphdef, params = nnx.split(module, nnx.Param)
+
+  @jax.jit
+  def both(params, x):
+    def ours(params, x):
+      return nnx.merge(graphdef, params)(x)
+
+    def theirs(params, x):
+      return oracle(x, params.to_pure_dict())
+
+    weight = jax.random.normal(jax.random.PRNGKey(9), ours(params, x).shape)
+    out = []
+    for f in (ours, theirs):
+      y, grads = jax.value_and_grad(lambda p, x: jnp.sum(weight * f(p, x)), argnums=(0, 1))(
+          params, x)
+      out.append((f(params, x), grads))
+    return out
+
+  (y, g), (y_ref, g_ref) = both(params, x)
+  assert rel_err(y, y_ref) <= 1e-5, rel_err(y, y_ref)
+  errs = jax.tree.map(rel_err, g, g_ref)
+  worst = max(jax.tree.leaves(errs))
+  print(f"ss2d {with_adaptor=}: fwd {rel_err(y, y_ref):.1e} worst grad {worst:.1e}")
+  assert worst <= 1e-4, errs
+
+
+def test_adaptor_needs_d_state_1():
+  cfg = AdaptorConfig()
+  rngs = nnx.Rngs(0)
+  with pytest.raises(ValueError, match="d_state=1"):
+    SS2D(16, ssm_ratio=1.0, d_state=4, rngs=rngs,
+         adaptor_t=AdaptorT(16, cfg, gamma_init=1.0, dtype=jnp.float32, rngs=rngs))
+  with pytest.raises(ValueError, match="num_groups"):
+    AdaptorT(18, cfg, gamma_init=1.0, dtype=jnp.float32, rngs=rngs)
+  with pytest.raises(ValueError, match="selection"):
+    AdaptorConfig(selection="fixed")
+  with pytest.raises(ValueError, match="form"):
+    VSSM(**SMALL, form="parallel", rngs=rngs)
+
+
+def test_booster_at_init_equals_its_vmamba():
+  base = VSSM(**SMALL, num_classes=10, rngs=nnx.Rngs(0))
+  randomize(base, seed=1)
+  booster = VSSM(**SMALL, num_classes=10, form="booster", rngs=nnx.Rngs(5))
+  # Random adaptor selection weights; gamma and the Adaptor-S convs keep their zero init.
+  for path, var in nnx.state(booster, nnx.Param).flat_state():
+    if "phi_p" in path or "phi_c" in path:
+      var[...] = jax.random.normal(jax.random.PRNGKey(len(path)), var.shape)
+  nnx.update(booster, nnx.state(base, nnx.Param))
+  x = jax.random.normal(jax.random.PRNGKey(2), (2, 32, 32, 3))
+  y_base, y_boost = jax.jit(lambda x: (base(x), booster(x)))(x)
+  diff = float(jnp.max(jnp.abs(y_base - y_boost)))
+  print(f"booster vs base: max abs diff {diff:.1e} (logits up to {float(jnp.max(jnp.abs(y_base))):.1f})")
+  assert diff <= 1e-6
+
+
+def _grads(model, wrt, x):
+  graphdef, params, rest = nnx.split(model, wrt, ...)
+
+  @jax.jit
+  def grad_fn(params, rest, x):
+    def loss(params):
+      return jnp.sum(nnx.merge(graphdef, params, rest)(x) ** 2)
+    return jax.grad(loss)(params)
+
+  return grad_fn(params, rest, x)
+
+
+def test_backbone_form_every_param_gets_a_gradient():
+  model = VSSM(**SMALL, num_classes=10, form="backbone", rngs=nnx.Rngs(0))
+  model.eval()
+  x = jax.random.normal(jax.random.PRNGKey(1), (2, 32, 32, 3))
+  grads = _grads(model, nnx.Param, x)
+  bad = [("/".join(map(str, p)), float(jnp.max(jnp.abs(g[...]))))
+         for p, g in grads.flat_state()
+         if not (jnp.all(jnp.isfinite(g[...])) and jnp.any(g[...] != 0))]
+  assert not bad, bad
+  assert len(grads.flat_state()) == len(nnx.state(model, nnx.Param).flat_state())
+
+
+@pytest.mark.parametrize("share", [False, True], ids=["per_block", "shared"])
+def test_adaptor_form_trains_only_adaptors_and_head(share):
+  model = VSSM(**SMALL, num_classes=10, form="adaptor", share_adaptor=share, 
+               rngs=nnx.Rngs(0))
+  randomize(model, seed=3)  # gamma != 0 so the branch is live
+  model.eval()
+  x = jax.random.normal(jax.random.PRNGKey(1), (2, 32, 32, 3))
+  grads = _grads(model, trainable(model), x)
+  paths = {p for p, _ in grads.flat_state()}
+  assert paths, "nothing trains"
+  assert all(("adaptor_t" in p or "adaptor_s" in p or p[0] in ("head", "head_norm"))
+             for p in paths), paths
+  for p, g in grads.flat_state():
+    assert jnp.all(jnp.isfinite(g[...])) and jnp.any(g[...] != 0), p
+  mask = trainable_mask(model)
+  assert {p for p, v in mask.flat_state() if v} == paths
+  frozen = [p for p, v in mask.flat_state() if not v]
+  assert any("in_proj" in p for p in frozen) and any("mlp" in p for p in frozen)
+  n_adaptors = sum("adaptor_t" in p and p[-1] == "gamma" for p in paths)
+  assert n_adaptors == (len(SMALL["depths"]) if share else sum(SMALL["depths"]))
+  with_norms = trainable_mask(model, norms=True)
+  assert any(v and "out_norm" in p for p, v in with_norms.flat_state())
