@@ -1,0 +1,44 @@
+"""Presets by name: `create_model(name, *, num_classes=1000, rngs, **overrides)` and `list_models()`.
+
+Measured counts (python -m adaptor_jax.summary) are in the README; tests/test_models.py asserts them.
+"""
+from flax import nnx
+
+from adaptor_jax.models import vim
+from adaptor_jax.models.vmamba import VSSM
+
+_TINY = dict(dims=(96, 192, 384, 768), depths=(2, 2, 8, 2), ssm_ratio=1.0, drop_path_rate=0.2)
+_SMALL = dict(dims=(96, 192, 384, 768), depths=(2, 2, 15, 2), ssm_ratio=2.0, drop_path_rate=0.3)
+_BASE = dict(dims=(128, 256, 512, 1024), depths=(2, 2, 15, 2), ssm_ratio=2.0, drop_path_rate=0.6)
+
+VMAMBA_PRESETS = {
+    "mamba_adaptor_b1": dict(dims=(40, 80, 160, 320), depths=(2, 2, 9, 2), ssm_ratio=2.0,
+                             drop_path_rate=0.1, form="backbone"),
+    "mamba_adaptor_b2": dict(dims=(96, 192, 384, 768), depths=(2, 2, 5, 2), ssm_ratio=2.0,
+                             drop_path_rate=0.2, form="backbone"),
+    "vmamba_tiny": _TINY,
+    "vmamba_small": _SMALL,
+    "vmamba_base": _BASE,
+    "adaptor_vmamba_tiny": dict(_TINY, form="booster"),
+    "adaptor_vmamba_small": dict(_SMALL, form="booster"),
+    "adaptor_vmamba_base": dict(_BASE, form="booster"),
+}
+
+
+def list_models():
+  """Every preset name."""
+  return sorted(VMAMBA_PRESETS) + sorted(vim.PRESETS)
+
+
+def create_model(name, *, num_classes=1000, rngs: nnx.Rngs, **overrides):
+  """The preset `name` with `num_classes` outputs; `overrides` replace constructor arguments.
+
+  E.g. create_model("vmamba_tiny", form="adaptor", share_adaptor=True, num_classes=37, rngs=...)
+  builds the parallel-adaptor transfer form on VMamba-T; dtype=jnp.bfloat16 sets compute dtype.
+  The model takes images (B, H, W, 3) float and returns logits (B, num_classes).
+  """
+  if name in VMAMBA_PRESETS:
+    return VSSM(**{**VMAMBA_PRESETS[name], **overrides}, num_classes=num_classes, rngs=rngs)
+  if name in vim.PRESETS:
+    return vim.Vim(**{**vim.PRESETS[name], **overrides}, num_classes=num_classes, rngs=rngs)
+  raise ValueError(f"create_model: unknown model {name!r}; choose one of {list_models()}")
