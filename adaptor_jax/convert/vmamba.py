@@ -1,0 +1,208 @@
+"""Official VMamba v2 checkpoints (MzeroMiko/VMamba, classification/models/vmamba.py) <-> our params.
+
+Import:  python -m adaptor_jax.convert.vmamba --checkpoint=FILE.pth --model=vmamba_tiny --output=DIR
+Export:  python -m adaptor_jax.convert.vmamba --export --input=DIR --model=vmamba_tiny \
+             --checkpoint=OUT.pth
+FILE is a torch checkpoint holding the state dict under --key ("model" or "model_ema"), or a bare
+state dict; a .npz of the same keys also works and needs no torch (torch is the `convert` extra).
+The adaptor_vmamba_* presets take the VMamba weights and keep their adaptors as the booster form
+initialises them. DIR is an orbax checkpoint of the params plus `model.json` naming the preset.
+
+Layout: PyTorch Linear weights are (out, in), ours (in, out); conv weights (out, in, kh, kw), ours
+(kh, kw, in, out); the per-route SS2D tensors stack the 4 routes first in both (A_logs and Ds
+flattened as route * Di + channel there), and x_proj / dt_proj are transposed like Linear weights.
+"""
+import json
+import os
+
+import jax
+import numpy as np
+from absl import app, flags
+from flax import nnx
+
+from adaptor_jax.models import registry
+
+PRESETS = ("vmamba_tiny", "vmamba_small", "vmamba_base",
+           "adaptor_vmamba_tiny", "adaptor_vmamba_small", "adaptor_vmamba_base")
+
+_linear = (lambda w: w.reshape(w.shape[:2]).T, lambda k: k.T)       # Linear2d may store (o, i, 1, 1)
+_conv = (lambda w: w.transpose(2, 3, 1, 0), lambda k: k.transpose(3, 2, 0, 1))
+_same = (lambda w: w, lambda p: p)
+_routes_T = (lambda w: w.transpose(0, 2, 1), lambda p: p.transpose(0, 2, 1))
+
+
+def _by_route(di):
+  return (lambda w: w.reshape(4, di, *w.shape[1:]), lambda p: p.reshape(4 * di, *p.shape[2:]))
+
+
+def _norm(theirs, ours):
+  return [(f"{theirs}.weight", (*ours, "scale"), _same), (f"{theirs}.bias", (*ours, "bias"), _same)]
+
+
+def _layer(theirs, ours, kind, bias=True):
+  entries = [(f"{theirs}.weight", (*ours, "kernel"), kind)]
+  return entries + ([(f"{theirs}.bias", (*ours, "bias"), _same)] if bias else [])
+
+
+def layout(model):
+  """[(official key, our param path, (to ours, to theirs))] for a VSSM, in the official order."""
+  entries = (_layer("patch_embed.0", ("patch_embed", "conv1"), _conv)
+             + _norm("patch_embed.2", ("patch_embed", "norm1"))
+             + _layer("patch_embed.5", ("patch_embed", "conv2"), _conv)
+             + _norm("patch_embed.7", ("patch_embed", "norm2")))
+  for i, stage in enumerate(model.stages):
+    for j, block in enumerate(stage["blocks"]):
+      t, o = f"layers.{i}.blocks.{j}", ("stages", i, "blocks", j)
+      op = (*o, "op")
+      entries += _norm(f"{t}.norm", (*o, "norm")) + [
+          (f"{t}.op.x_proj_weight", (*op, "x_proj"), _routes_T),
+          (f"{t}.op.A_logs", (*op, "A_log"), _by_route(block.op.d_inner)),
+          (f"{t}.op.Ds", (*op, "D"), _by_route(block.op.d_inner)),
+          (f"{t}.op.dt_projs_weight", (*op, "dt_proj"), _routes_T),
+          (f"{t}.op.dt_projs_bias", (*op, "dt_bias"), _same),
+      ] + (_norm(f"{t}.op.out_norm", (*op, "out_norm"))
+           + _layer(f"{t}.op.in_proj", (*op, "in_proj"), _linear, bias=False)
+           + _layer(f"{t}.op.conv2d", (*op, "conv2d"), _conv, bias=False)
+           + _layer(f"{t}.op.out_proj", (*op, "out_proj"), _linear, bias=False)
+           + _norm(f"{t}.norm2", (*o, "norm2"))
+           + _layer(f"{t}.mlp.fc1", (*o, "mlp", "fc1"), _linear)
+           + _layer(f"{t}.mlp.fc2", (*o, "mlp", "fc2"), _linear))
+    if stage["downsample"] is not None:
+      entries += (_layer(f"layers.{i}.downsample.1", ("stages", i, "downsample", "conv"), _conv)
+                  + _norm(f"layers.{i}.downsample.3", ("stages", i, "downsample", "norm")))
+  return entries + _norm("classifier.norm", ("head_norm",)) + _layer(
+      "classifier.head", ("head",), _linear)
+
+
+def _is_adaptor(path):
+  return "adaptor_t" in path or "adaptor_s" in path
+
+
+def from_state_dict(model, state_dict):
+  """Loads an official state dict (name -> array) into `model` in place.
+
+  Every official key must be present with its official shape and every param of the model must be
+  covered, except the adaptors of the booster and adaptor forms, which keep their values.
+  Raises ValueError naming the first missing, unexpected or mis-shaped key.
+  """
+  entries = layout(model)
+  expected = {key for key, _, _ in entries}
+  unexpected = sorted(set(state_dict) - expected)
+  missing = [key for key, _, _ in entries if key not in state_dict]
+  if missing or unexpected:
+    raise ValueError(f"VMamba checkpoint does not match the model: missing keys {missing[:5]}"
+                     f"{' ...' if len(missing) > 5 else ''} ({len(missing)} in all); unexpected "
+                     f"keys {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''} "
+                     f"({len(unexpected)} in all)")
+  params = dict(nnx.state(model, nnx.Param).flat_state())
+  covered = set()
+  for key, path, (to_ours, _) in entries:
+    value = np.asarray(to_ours(np.asarray(state_dict[key], np.float32)))
+    want = params[path].shape
+    if value.shape != tuple(want):
+      raise ValueError(f"VMamba checkpoint key {key!r} has shape {tuple(np.shape(state_dict[key]))}"
+                       f", which does not give this model's {want} for {'/'.join(map(str, path))}")
+    params[path].set_value(jax.numpy.asarray(value))
+    covered.add(path)
+  left = [p for p in params if p not in covered and not _is_adaptor(p)]
+  if left:
+    raise ValueError(f"VMamba layout leaves params unset: {['/'.join(map(str, p)) for p in left]}")
+
+
+def to_state_dict(model):
+  """The model's params as an official VMamba state dict of numpy arrays (official key order)."""
+  params = dict(nnx.state(model, nnx.Param).flat_state())
+  adaptors = [p for p in params if _is_adaptor(p)]
+  if adaptors:
+    raise ValueError(f"this model has adaptor params ({len(adaptors)}, e.g. "
+                     f"{'/'.join(map(str, adaptors[0]))}), which the VMamba layout cannot hold")
+  return {key: np.asarray(to_theirs(np.asarray(params[path][...])))
+          for key, path, (_, to_theirs) in layout(model)}
+
+
+def read_checkpoint(path, key="model"):
+  """The state dict in a torch checkpoint (under `key` when it is a wrapper dict) or an .npz."""
+  if path.endswith(".npz"):
+    with np.load(path) as f:
+      return {k: f[k] for k in f.files}
+  try:
+    import torch  # optional: pip install -e '.[convert]'
+  except ImportError as e:
+    raise ImportError("reading a .pth checkpoint needs torch: pip install -e '.[convert]', or "
+                      "convert it to .npz where torch is available") from e
+  ckpt = torch.load(path, map_location="cpu", weights_only=True)
+  if key in ckpt and isinstance(ckpt[key], dict):
+    ckpt = ckpt[key]
+  elif any(isinstance(v, dict) for v in ckpt.values()):
+    raise ValueError(f"{path}: no state dict under {key!r}; it holds {sorted(ckpt)}")
+  return {k: v.float().numpy() for k, v in ckpt.items()}
+
+
+def write_checkpoint(path, state_dict):
+  if path.endswith(".npz"):
+    np.savez(path, **state_dict)
+    return
+  import torch  # optional
+  torch.save({"model": {k: torch.from_numpy(np.ascontiguousarray(v))
+                        for k, v in state_dict.items()}}, path)
+
+
+def save(model, name, directory):
+  """An orbax checkpoint of the params and model.json ({"model": name, "num_classes": ...})."""
+  import orbax.checkpoint as ocp
+  directory = os.path.abspath(directory)
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(os.path.join(directory, "params"), nnx.state(model, nnx.Param))
+  with open(os.path.join(directory, "model.json"), "w") as f:
+    json.dump(dict(model=name, num_classes=int(model.head.out_features)), f)
+
+
+def restore(directory, **overrides):
+  """The model saved by `save` in `directory`."""
+  import orbax.checkpoint as ocp
+  directory = os.path.abspath(directory)
+  with open(os.path.join(directory, "model.json")) as f:
+    meta = json.load(f)
+  model = nnx.eval_shape(lambda: registry.create_model(
+      meta["model"], num_classes=meta["num_classes"], rngs=nnx.Rngs(0), **overrides))
+  target = nnx.state(model, nnx.Param)
+  with ocp.StandardCheckpointer() as ckptr:
+    nnx.update(model, ckptr.restore(os.path.join(directory, "params"), target))
+  return model
+
+
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Official VMamba checkpoint (.pth or .npz).")
+_MODEL = flags.DEFINE_enum("model", None, PRESETS, "Preset the checkpoint is loaded into.")
+_OUTPUT = flags.DEFINE_string("output", None, "Import: orbax checkpoint directory to write.")
+_KEY = flags.DEFINE_string("key", "model", "Where the state dict is: 'model' or 'model_ema'.")
+_EXPORT = flags.DEFINE_bool("export", False, "Export --input (ours) to --checkpoint instead.")
+_INPUT = flags.DEFINE_string("input", None, "Export: our checkpoint directory.")
+_SEED = flags.DEFINE_integer("seed", 0, "Import: init seed of the adaptor params (adaptor_*).")
+
+
+def main(argv):
+  del argv
+  if _EXPORT.value:
+    if not (_INPUT.value and _CHECKPOINT.value):
+      raise app.UsageError("--export needs --input=DIR and --checkpoint=OUT.pth|.npz")
+    write_checkpoint(_CHECKPOINT.value, to_state_dict(restore(_INPUT.value)))
+    print(f"wrote {_CHECKPOINT.value}")
+    return
+  if not (_CHECKPOINT.value and _MODEL.value and _OUTPUT.value):
+    raise app.UsageError("import needs --checkpoint, --model and --output")
+  state_dict = read_checkpoint(_CHECKPOINT.value, _KEY.value)
+  head = state_dict.get("classifier.head.bias")
+  num_classes = 1000 if head is None else int(np.shape(head)[0])
+  build = lambda: registry.create_model(_MODEL.value, num_classes=num_classes,
+                                       rngs=nnx.Rngs(_SEED.value))
+  # Only the adaptors keep initial values; a plain VMamba is built abstractly, then filled.
+  model = build() if _MODEL.value.startswith("adaptor_") else nnx.eval_shape(build)
+  from_state_dict(model, state_dict)
+  save(model, _MODEL.value, _OUTPUT.value)
+  print(f"wrote {_OUTPUT.value}: {_MODEL.value}, {len(state_dict)} tensors, "
+        f"{num_classes} classes")
+
+
+if __name__ == "__main__":
+  jax.config.update("jax_platforms", "cpu")
+  app.run(main)
