@@ -201,3 +201,26 @@ def test_adaptor_form_trains_only_adaptors_and_head(share):
   assert n_adaptors == (len(SMALL["depths"]) if share else sum(SMALL["depths"]))
   with_norms = trainable_mask(model, norms=True)
   assert any(v and "out_norm" in p for p, v in with_norms.flat_state())
+
+
+def test_bfloat16_compute_follows_float32():
+  """dtype=bfloat16 computes in bf16 from the same float32 params; logits within bf16 precision."""
+  f32 = VSSM(**SMALL, num_classes=10, form="backbone", rngs=nnx.Rngs(0))
+  bf16 = VSSM(**SMALL, num_classes=10, form="backbone", dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+  randomize(f32, seed=4)
+  nnx.update(bf16, nnx.state(f32, nnx.Param))
+  assert all(v.dtype == jnp.float32 for v in jax.tree.leaves(nnx.state(bf16, nnx.Param)))
+  x = jax.random.normal(jax.random.PRNGKey(1), (2, 32, 32, 3))
+  y32, y16 = jax.jit(lambda x: (f32(x), bf16(x)))(x)
+  err = rel_err(y16.astype(jnp.float32), y32)
+  print(f"bf16 vs f32 logits: rel err {err:.1e}")
+  assert y16.dtype == jnp.bfloat16 and err <= 2e-2
+
+
+def test_every_param_has_logical_axes():
+  model = nnx.eval_shape(lambda: VSSM(**SMALL, form="backbone", rngs=nnx.Rngs(0)))
+  names = {"embed", "mlp", "inner", "classes", "route", None}
+  for path, var in nnx.state(model, nnx.Param).flat_state():
+    axes = var.get_metadata().get("out_sharding")
+    assert axes is not None and len(axes) == len(var.shape), path
+    assert set(axes) <= names, (path, axes)
