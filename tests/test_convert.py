@@ -32,7 +32,7 @@ def random_state_dict(seed=0):
 
 def test_layout_is_the_official_vmamba_tiny_inventory():
   model = abstract("vmamba_tiny")
-  params = dict(nnx.state(model, nnx.Param).flat_state())
+  params = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
   ours = {key: tuple(jax.eval_shape(to_theirs, params[path].get_value()).shape)
           for key, path, (_, to_theirs) in cv.layout(model)}
   assert list(ours) == list(official_shapes())  # same keys, same order
@@ -83,7 +83,7 @@ def test_mismatches_name_the_key(change, message):
 def test_booster_keeps_its_adaptors_and_cannot_be_exported():
   model = abstract("adaptor_vmamba_tiny")
   cv.from_state_dict(model, random_state_dict())
-  for path, var in nnx.state(model, nnx.Param).flat_state():
+  for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
     filled = isinstance(var.get_value(), jax.Array)
     assert filled != ("adaptor_t" in path or "adaptor_s" in path), path
   with pytest.raises(ValueError, match="adaptor params"):

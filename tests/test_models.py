@@ -4,6 +4,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
@@ -29,7 +30,7 @@ def randomize(module, seed, scale=0.1):
 
 
 def pure_params(module):
-  return nnx.state(module, nnx.Param).to_pure_dict()
+  return nnx.to_pure_dict(nnx.state(module, nnx.Param))
 
 
 def numpy_adaptor_t(h, p, S, K, learned):
@@ -107,7 +108,7 @@ def test_ss2d_matches_route_by_route_oracle(with_adaptor):
       return nnx.merge(graphdef, params)(x)
 
     def theirs(params, x):
-      return oracle(x, params.to_pure_dict())
+      return oracle(x, nnx.to_pure_dict(params))
 
     weight = jax.random.normal(jax.random.PRNGKey(9), ours(params, x).shape)
     out = []
@@ -144,7 +145,7 @@ def test_booster_at_init_equals_its_vmamba():
   randomize(base, seed=1)
   booster = VSSM(**SMALL, num_classes=10, form="booster", rngs=nnx.Rngs(5))
   # Random adaptor selection weights; gamma and the Adaptor-S convs keep their zero init.
-  for path, var in nnx.state(booster, nnx.Param).flat_state():
+  for path, var in nnx.to_flat_state(nnx.state(booster, nnx.Param)):
     if "phi_p" in path or "phi_c" in path:
       var[...] = jax.random.normal(jax.random.PRNGKey(len(path)), var.shape)
   nnx.update(booster, nnx.state(base, nnx.Param))
@@ -173,10 +174,10 @@ def test_backbone_form_every_param_gets_a_gradient():
   x = jax.random.normal(jax.random.PRNGKey(1), (2, 32, 32, 3))
   grads = _grads(model, nnx.Param, x)
   bad = [("/".join(map(str, p)), float(jnp.max(jnp.abs(g[...]))))
-         for p, g in grads.flat_state()
+         for p, g in nnx.to_flat_state(grads)
          if not (jnp.all(jnp.isfinite(g[...])) and jnp.any(g[...] != 0))]
   assert not bad, bad
-  assert len(grads.flat_state()) == len(nnx.state(model, nnx.Param).flat_state())
+  assert len(nnx.to_flat_state(grads)) == len(nnx.to_flat_state(nnx.state(model, nnx.Param)))
 
 
 @pytest.mark.parametrize("share", [False, True], ids=["per_block", "shared"])
@@ -187,20 +188,27 @@ def test_adaptor_form_trains_only_adaptors_and_head(share):
   model.eval()
   x = jax.random.normal(jax.random.PRNGKey(1), (2, 32, 32, 3))
   grads = _grads(model, trainable(model), x)
-  paths = {p for p, _ in grads.flat_state()}
+  paths = {p for p, _ in nnx.to_flat_state(grads)}
   assert paths, "nothing trains"
   assert all(("adaptor_t" in p or "adaptor_s" in p or p[0] in ("head", "head_norm"))
              for p in paths), paths
-  for p, g in grads.flat_state():
+  for p, g in nnx.to_flat_state(grads):
     assert jnp.all(jnp.isfinite(g[...])) and jnp.any(g[...] != 0), p
   mask = trainable_mask(model)
-  assert {p for p, v in mask.flat_state() if v} == paths
-  frozen = [p for p, v in mask.flat_state() if not v]
+  assert {p for p, v in nnx.to_flat_state(mask) if v} == paths
+  params = nnx.state(model, nnx.Param)  # an optax step with the mask moves exactly those
+  tx = optax.multi_transform({True: optax.sgd(1.0), False: optax.set_to_zero()}, mask)
+  ones = jax.tree.map(jnp.ones_like, params)
+  updates, _ = tx.update(ones, tx.init(params), params)
+  moved = optax.apply_updates(params, updates)
+  assert {p for (p, a), (_, b) in zip(nnx.to_flat_state(params), nnx.to_flat_state(moved))
+          if jnp.any(a[...] != b[...])} == paths
+  frozen = [p for p, v in nnx.to_flat_state(mask) if not v]
   assert any("in_proj" in p for p in frozen) and any("mlp" in p for p in frozen)
   n_adaptors = sum("adaptor_t" in p and p[-1] == "gamma" for p in paths)
   assert n_adaptors == (len(SMALL["depths"]) if share else sum(SMALL["depths"]))
   with_norms = trainable_mask(model, norms=True)
-  assert any(v and "out_norm" in p for p, v in with_norms.flat_state())
+  assert any(v and "out_norm" in p for p, v in nnx.to_flat_state(with_norms))
 
 
 def test_bfloat16_compute_follows_float32():
@@ -220,7 +228,7 @@ def test_bfloat16_compute_follows_float32():
 def test_every_param_has_logical_axes():
   model = nnx.eval_shape(lambda: VSSM(**SMALL, form="backbone", rngs=nnx.Rngs(0)))
   names = {"embed", "mlp", "inner", "classes", "route", None}
-  for path, var in nnx.state(model, nnx.Param).flat_state():
+  for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
     axes = var.get_metadata().get("out_sharding")
     assert axes is not None and len(axes) == len(var.shape), path
     assert set(axes) <= names, (path, axes)

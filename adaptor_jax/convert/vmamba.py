@@ -94,7 +94,7 @@ def from_state_dict(model, state_dict):
                      f"{' ...' if len(missing) > 5 else ''} ({len(missing)} in all); unexpected "
                      f"keys {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''} "
                      f"({len(unexpected)} in all)")
-  params = dict(nnx.state(model, nnx.Param).flat_state())
+  params = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
   covered = set()
   for key, path, (to_ours, _) in entries:
     value = np.asarray(to_ours(np.asarray(state_dict[key], np.float32)))
@@ -111,7 +111,7 @@ def from_state_dict(model, state_dict):
 
 def to_state_dict(model):
   """The model's params as an official VMamba state dict of numpy arrays (official key order)."""
-  params = dict(nnx.state(model, nnx.Param).flat_state())
+  params = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
   adaptors = [p for p in params if _is_adaptor(p)]
   if adaptors:
     raise ValueError(f"this model has adaptor params ({len(adaptors)}, e.g. "

@@ -89,15 +89,15 @@ def linear(din, dout, names, *, rngs, dtype, use_bias=True, init=trunc_normal):
 
 def conv(din, dout, kernel, *, rngs, dtype, stride=1, groups=1, dilation=1, use_bias=True,
          init=None, names=(None, None, None, "embed")):
-  """nnx.Conv, NHWC, PyTorch padding (kernel // 2 * dilation) and PyTorch's default init."""
+  """nnx.Conv, NHWC, PyTorch padding (kernel // 2 * dilation); weights and bias drawn from `init`,
+  PyTorch's default U(+-1/sqrt(fan_in)) when it is None."""
   fan_in = din // groups * kernel * kernel
   init = fan_in_uniform(fan_in) if init is None else init
   pad = kernel // 2 * dilation
   return nnx.Conv(din, dout, (kernel, kernel), strides=stride, padding=((pad, pad), (pad, pad)),
                   kernel_dilation=dilation, feature_group_count=groups, use_bias=use_bias,
                   dtype=dtype, kernel_init=logical(init, *names),
-                  bias_init=logical(init if init is not zeros else zeros, names[-1]),
-                  rngs=rngs)
+                  bias_init=logical(init, names[-1]), rngs=rngs)
 
 
 def drop_path(rate, rngs, ndim=4):

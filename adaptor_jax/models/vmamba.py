@@ -150,9 +150,11 @@ def trainable(model, *, norms=False):
 def trainable_mask(model, *, norms=False):
   """A pytree of bools shaped like nnx.state(model, nnx.Param): True where the param trains.
 
-  For optax: optax.masked(tx, mask), or optax.multi_transform with the mask mapped to labels.
+  To freeze the rest with optax:
+    optax.multi_transform({True: tx, False: optax.set_to_zero()}, mask)
+  (optax.masked(tx, mask) alone would pass the frozen params' raw gradients through).
   """
   is_trainable = nnx.filterlib.to_predicate(trainable(model, norms=norms))
   params = nnx.state(model, nnx.Param)
-  flat = [(path, bool(is_trainable(path, var))) for path, var in params.flat_state()]
-  return nnx.State.from_flat_path(flat)
+  flat = [(path, bool(is_trainable(path, var))) for path, var in nnx.to_flat_state(params)]
+  return nnx.from_flat_state(flat)
