@@ -152,7 +152,8 @@ def test_booster_at_init_equals_its_vmamba():
   x = jax.random.normal(jax.random.PRNGKey(2), (2, 32, 32, 3))
   y_base, y_boost = jax.jit(lambda x: (base(x), booster(x)))(x)
   diff = float(jnp.max(jnp.abs(y_base - y_boost)))
-  print(f"booster vs base: max abs diff {diff:.1e} (logits up to {float(jnp.max(jnp.abs(y_base))):.1f})")
+  print(f"booster vs base: max abs diff {diff:.1e} "
+        f"(logits up to {float(jnp.max(jnp.abs(y_base))):.1f})")
   assert diff <= 1e-6
 
 

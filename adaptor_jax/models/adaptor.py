@@ -31,7 +31,8 @@ class AdaptorConfig:
 
   def __post_init__(self):
     if self.selection not in ("learned", "static"):
-      raise ValueError(f"AdaptorConfig.selection must be 'learned' or 'static', got {self.selection!r}")
+      raise ValueError("AdaptorConfig.selection must be 'learned' or 'static', "
+                       f"got {self.selection!r}")
     if self.num_groups < 1 or self.num_points < 1:
       raise ValueError("AdaptorConfig.num_groups and num_points must be >= 1, got "
                        f"{self.num_groups} and {self.num_points}")

@@ -6,8 +6,9 @@ form="booster"   a (pretrained) VMamba with Adaptor-T/S inserted; gamma and the 
                  at zero, so at step 0 the model equals the VMamba it boosts; everything trains.
 form="adaptor"   transfer learning: the same zero-initialised adaptors form a parallel branch whose
                  output is added to the frozen SS2D core output (before its out_norm, so the branch
-                 needs no projection of its own); `share_adaptor=True` lets the blocks of a stage use
-                 one adaptor; `trainable(model)` names what trains (adaptors, head, optionally norms).
+                 needs no projection of its own); `share_adaptor=True` lets the blocks of a stage
+                 use one adaptor; `trainable(model)` names what trains (adaptors, head, optionally
+                 norms).
 """
 import jax.numpy as jnp
 import numpy as np
