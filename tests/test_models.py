@@ -233,3 +233,15 @@ def test_every_param_has_logical_axes():
     axes = var.get_metadata().get("out_sharding")
     assert axes is not None and len(axes) == len(var.shape), path
     assert set(axes) <= names, (path, axes)
+
+
+def test_drop_path_drops_whole_residual_branches_in_training_only():
+  from adaptor_jax.models.vmamba import VSSBlock
+  block = VSSBlock(8, drop_path=1.0, ssm_ratio=2.0, d_state=1, mlp_ratio=4.0, adaptor_t=None,
+                   adaptor_s=None, dtype=jnp.float32, scan_backend="reference",
+                   rngs=nnx.Rngs(0, dropout=1))
+  x = jax.random.normal(jax.random.PRNGKey(2), (2, 4, 4, 8))
+  block.train()
+  assert jnp.array_equal(block(x), x)  # both branches dropped: the block is the identity
+  block.eval()
+  assert rel_err(block(x), x) > 1e-3
