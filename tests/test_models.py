@@ -9,15 +9,12 @@ import pytest
 from flax import nnx
 
 import model_oracles
+from scan_cases import rel_err
 from adaptor_jax.models import AdaptorConfig, VSSM, trainable, trainable_mask
 from adaptor_jax.models.adaptor import AdaptorS, AdaptorT
 from adaptor_jax.models.ss2d import SS2D
 
 SMALL = dict(dims=(16, 32, 64), depths=(1, 2, 1), ssm_ratio=2.0, scan_backend="reference")
-
-
-def rel_err(x, ref):
-  return float(jnp.max(jnp.abs(x - ref)) / jnp.max(jnp.abs(ref)))
 
 
 def randomize(module, seed, scale=0.1):

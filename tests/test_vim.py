@@ -12,11 +12,7 @@ from flax import nnx
 import kernels
 from adaptor_jax.models import counting
 from adaptor_jax.models.vim import PRESETS, BiMamba, Vim
-
-
-def rel_err(got, ref):
-  got, ref = np.asarray(got, np.float64), np.asarray(ref, np.float64)
-  return np.abs(got - ref).max() / np.abs(ref).max()
+from scan_cases import rel_err
 
 
 @functools.cache

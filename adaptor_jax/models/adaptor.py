@@ -54,13 +54,11 @@ class AdaptorT(nnx.Module):
       spread = np.log((np.arange(K) + 0.5) / K) - np.log1p(-(np.arange(K) + 0.5) / K)
       self.phi_p = common.param(rngs, common.trunc_normal, (ROUTES, d_inner, S * K),
                                 "route", "inner", None)
-      self.phi_p_bias = nnx.Param(jnp.tile(jnp.asarray(spread, jnp.float32), (ROUTES, S)),
-                                  out_sharding=("route", None), eager_sharding=False)
+      self.phi_p_bias = common.annotated(np.tile(spread, (ROUTES, S)), "route", None)
       self.phi_c = common.param(rngs, common.trunc_normal, (ROUTES, d_inner, S * K),
                                 "route", "inner", None)
       self.phi_c_bias = common.param(rngs, common.zeros, (ROUTES, S * K), "route", None)
-    self.gamma = nnx.Param(jnp.full((ROUTES, d_inner), gamma_init, jnp.float32),
-                           out_sharding=("route", "inner"), eager_sharding=False)
+    self.gamma = common.annotated(jnp.full((ROUTES, d_inner), gamma_init), "route", "inner")
 
   def __call__(self, h_BLRD):
     B, L, R, D = h_BLRD.shape

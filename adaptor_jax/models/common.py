@@ -22,15 +22,18 @@ def logical(init, *names):
   return nnx.with_partitioning(init, names, eager_sharding=False)
 
 
+def annotated(value, *names):
+  """An `nnx.Param` holding `value` (float32), annotated with logical axis `names`."""
+  return nnx.Param(jnp.asarray(value, jnp.float32), out_sharding=names, eager_sharding=False)
+
+
 def param(rngs, init, shape, *names):
   """An `nnx.Param` of `shape` drawn from `init`, annotated with logical axis `names`."""
-  return nnx.Param(init(rngs.params(), shape, jnp.float32), out_sharding=names,
-                   eager_sharding=False)
+  return annotated(init(rngs.params(), shape, jnp.float32), *names)
 
 
 trunc_normal = nnx.initializers.truncated_normal(0.02, lower=-2.0 / 0.02, upper=2.0 / 0.02)
 zeros = nnx.initializers.zeros
-ones = nnx.initializers.ones
 
 
 def uniform(scale):
@@ -70,12 +73,9 @@ selective_scan = jax.jit(
 class LayerNorm(nnx.Module):
   """LayerNorm over channels (eps 1e-5, as PyTorch), params float32."""
 
-  def __init__(self, dim, *, axis_name="embed", rngs=None):
-    del rngs  # deterministic init; kept for a uniform constructor signature
-    self.scale = nnx.Param(jnp.ones((dim,), jnp.float32), out_sharding=(axis_name,),
-                           eager_sharding=False)
-    self.bias = nnx.Param(jnp.zeros((dim,), jnp.float32), out_sharding=(axis_name,),
-                          eager_sharding=False)
+  def __init__(self, dim, *, axis_name="embed"):
+    self.scale = annotated(jnp.ones((dim,)), axis_name)
+    self.bias = annotated(jnp.zeros((dim,)), axis_name)
 
   def __call__(self, x):
     return layer_norm(x, self.scale[...], self.bias[...])
@@ -111,3 +111,8 @@ def dt_bias_init(key, shape, dtype=jnp.float32, dt_min=1e-3, dt_max=0.1, floor=1
   log_dt = jax.random.uniform(key, shape, jnp.float32, math.log(dt_min), math.log(dt_max))
   dt = jnp.maximum(jnp.exp(log_dt), floor)
   return (dt + jnp.log(-jnp.expm1(-dt))).astype(dtype)
+
+
+def a_log_init(shape):
+  """Mamba's S4D-real A_log: log(1..N) along the last axis (N = shape[-1]) of every channel."""
+  return jnp.broadcast_to(jnp.log(jnp.arange(1, shape[-1] + 1, dtype=jnp.float32)), shape)

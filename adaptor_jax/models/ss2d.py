@@ -40,11 +40,9 @@ class SS2D(nnx.Module):
     self.dt_proj = common.param(rngs, common.uniform(rank ** -0.5), (ROUTES, rank, d_inner),
                                 "route", None, "inner")
     self.dt_bias = common.param(rngs, common.dt_bias_init, (ROUTES, d_inner), "route", "inner")
-    a_log = jnp.log(jnp.arange(1, d_state + 1, dtype=jnp.float32))
-    self.A_log = nnx.Param(jnp.broadcast_to(a_log, (ROUTES, d_inner, d_state)),
-                           out_sharding=("route", "inner", None), eager_sharding=False)
-    self.D = nnx.Param(jnp.ones((ROUTES, d_inner), jnp.float32), out_sharding=("route", "inner"),
-                       eager_sharding=False)
+    self.A_log = common.annotated(common.a_log_init((ROUTES, d_inner, d_state)),
+                                  "route", "inner", None)
+    self.D = common.annotated(jnp.ones((ROUTES, d_inner)), "route", "inner")
     self.out_norm = common.LayerNorm(d_inner, axis_name="inner")
     self.out_proj = common.linear(d_inner, d_model, ("inner", "embed"), use_bias=False,
                                   dtype=dtype, rngs=rngs)
@@ -76,9 +74,9 @@ class SS2D(nnx.Module):
     y_BLRD = jnp.stack(outs, axis=2).reshape(Bsz, L, ROUTES, Di)
     if adapt:  # the scan returned h; form y = C * h' + D * u per route
       h_BLRD = self.adaptor_t(y_BLRD)
-      C_BLRN = C_BLIJN.reshape(Bsz, L, ROUTES, N)
-      D_RD = self.D[...].astype(h_BLRD.dtype)
-      y_BLRD = C_BLRN * h_BLRD + D_RD * jnp.concatenate([xs_BLJD, xs_BLJD], axis=2)
+      Du_BLIJD = self.D[...].astype(h_BLRD.dtype).reshape(2, 2, Di) * xs_BLJD[:, :, None]
+      y_BLRD = (C_BLIJN.reshape(Bsz, L, ROUTES, N) * h_BLRD
+                + Du_BLIJD.reshape(Bsz, L, ROUTES, Di))
     y_rows = (y_BLRD[:, :, 0] + y_BLRD[:, :, 2]).reshape(Bsz, H, W, Di)
     y_cols = (y_BLRD[:, :, 1] + y_BLRD[:, :, 3]).reshape(Bsz, W, H, Di).transpose(0, 2, 1, 3)
     y_BHWD = y_rows + y_cols

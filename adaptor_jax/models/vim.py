@@ -35,8 +35,7 @@ class RMSNorm(nnx.Module):
 
   def __init__(self, dim, *, eps=1e-5):
     self.eps = eps
-    self.weight = nnx.Param(jnp.ones((dim,), jnp.float32), out_sharding=("embed",),
-                            eager_sharding=False)
+    self.weight = common.annotated(jnp.ones((dim,)), "embed")
 
   def __call__(self, x):
     x32 = x.astype(jnp.float32)
@@ -95,11 +94,8 @@ class BiMamba(nnx.Module):
       dt_proj = nnx.Linear(rank, d_inner, dtype=dtype, rngs=rngs,
                            kernel_init=common.logical(common.uniform(rank ** -0.5), None, "inner"),
                            bias_init=common.logical(common.dt_bias_init, "inner"))
-      a_log = jnp.log(jnp.arange(1, d_state + 1, dtype=jnp.float32))
-      A_log = nnx.Param(jnp.broadcast_to(a_log, (d_inner, d_state)),
-                        out_sharding=("inner", None), eager_sharding=False)
-      D = nnx.Param(jnp.ones((d_inner,), jnp.float32), out_sharding=("inner",),
-                    eager_sharding=False)
+      A_log = common.annotated(common.a_log_init((d_inner, d_state)), "inner", None)
+      D = common.annotated(jnp.ones((d_inner,)), "inner")
       return conv1d, x_proj, dt_proj, A_log, D
 
     self.conv1d, self.x_proj, self.dt_proj, self.A_log, self.D = direction(False)
