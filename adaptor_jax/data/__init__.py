@@ -1,0 +1,1 @@
+"""Input pipelines: TFDS data sources, grain pipelines, transforms, mixup/cutmix, dataset builders."""

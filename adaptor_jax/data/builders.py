@@ -1,0 +1,306 @@
+"""TFDS datasets in ArrayRecord format, written without TensorFlow.
+
+  python -m adaptor_jax.data.builders --dataset=digits --data_dir=DIR
+  python -m adaptor_jax.data.builders --dataset=image_folder --root=DIR --name=NAME --data_dir=DIR
+
+Two builders, both storing encoded images (TFDS only needs TensorFlow to encode numpy arrays):
+- `digits`: scikit-learn's bundled handwritten digits (1797 8x8 scans, 10 classes "0".."9", no
+  download), scaled to 0..255 and stored as RGB PNG; a stratified 80/20 split with a fixed seed
+  gives 1437 train / 360 validation examples.
+- image folders: root/<class>/*.{jpg,jpeg,png}, the original file bytes (no re-encode), split at
+  random per class, or root/{train,validation}/<class>/... when those directories exist.
+
+Features of every dataset: image (encoded bytes, decoded as (H, W, 3) uint8), label (ClassLabel),
+file_name (path relative to the split's root). Neither builder is registered in TFDS' registry:
+`tfds.builder(name, data_dir=...)` and `tfds.data_source` find them from their files on disk.
+"""
+import contextlib
+import fcntl
+import io
+import os
+import re
+import shutil
+
+import numpy as np
+import tensorflow_datasets as tfds
+from absl import app, flags, logging
+from etils import epath
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+DIGITS_NAME = "digits"
+DIGITS_SPLIT_SEED = 0
+DIGITS_VALIDATION_FRACTION = 0.2
+_NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
+
+
+def _features(class_names):
+  return tfds.features.FeaturesDict({
+      "image": tfds.features.Image(shape=(None, None, 3)),
+      "label": tfds.features.ClassLabel(names=list(class_names)),
+      "file_name": tfds.features.Text(),
+  })
+
+
+class _Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+  """Writes `self._examples`: {split: [(file_name, label, encoded bytes or a path)]}."""
+
+  VERSION = tfds.core.Version("1.0.0")
+  RELEASE_NOTES = {"1.0.0": "First version."}
+  # No checksums or metadata files next to the code: set both so TFDS doesn't look for them
+  # (that lookup needs `importlib_resources` and fails for a builder defined in `__main__`).
+  code_path = None
+  pkg_dir_path = epath.Path(os.path.dirname(os.path.abspath(__file__)))
+
+  def __init__(self, *, class_names=(), examples=None, description="", **kwargs):
+    self._class_names = list(class_names)
+    self._examples = examples or {}
+    self._description = description
+    super().__init__(**kwargs)
+
+  def _info(self):
+    return self.dataset_info_from_configs(
+        description=self._description, features=_features(self._class_names),
+        supervised_keys=("image", "label"))
+
+  def _split_generators(self, dl_manager):
+    del dl_manager
+    return {split: self._generate_examples(rows) for split, rows in self._examples.items()}
+
+  def _generate_examples(self, rows):
+    for file_name, label, data in rows:
+      if not isinstance(data, bytes):
+        with open(data, "rb") as f:
+          data = f.read()
+      yield file_name, {"image": data, "label": label, "file_name": file_name}
+
+
+def _builder_class(name):
+  """A `_Builder` subclass named `name` (the TFDS name comes from the class attribute)."""
+  return type(f"Builder_{name}", (_Builder,), {"name": name}, skip_registration=True)
+
+
+@contextlib.contextmanager
+def _lock(data_dir, name):
+  """An exclusive file lock so concurrent processes don't build the same dataset twice."""
+  os.makedirs(data_dir, exist_ok=True)
+  with open(os.path.join(data_dir, f".{name}.lock"), "w") as f:
+    fcntl.flock(f, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _prepare(builder):
+  builder.download_and_prepare(
+      file_format="array_record",
+      download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+  return builder
+
+
+def _read_only(name, data_dir):
+  """The prepared dataset `name` under `data_dir`, read from its files."""
+  return tfds.builder_from_directory(_version_dir(name, data_dir))
+
+
+def _version_dir(name, data_dir):
+  return os.path.join(os.path.expanduser(data_dir), name, str(_Builder.VERSION))
+
+
+def _is_prepared(name, data_dir):
+  return os.path.exists(os.path.join(_version_dir(name, data_dir), "dataset_info.json"))
+
+
+def _default_data_dir(data_dir):
+  return os.path.expanduser(data_dir) if data_dir else tfds.core.constants.DATA_DIR
+
+
+# ---------------------------------------------------------------------------------------------
+# digits
+
+
+def digits_arrays():
+  """(images (1797, 8, 8) uint8 in 0..255, labels (1797,) int64, train_idx, validation_idx).
+
+  The split is stratified by label, 80/20, with a fixed seed; indices refer to sklearn's order.
+  """
+  from sklearn import datasets, model_selection  # pylint: disable=g-import-not-at-top
+  digits = datasets.load_digits()
+  images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)
+  labels = digits.target.astype(np.int64)
+  train_idx, val_idx = model_selection.train_test_split(
+      np.arange(len(labels)), test_size=DIGITS_VALIDATION_FRACTION, stratify=labels,
+      random_state=DIGITS_SPLIT_SEED)
+  return images, labels, np.sort(train_idx), np.sort(val_idx)
+
+
+def _png_rgb(gray_u8):
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  buf = io.BytesIO()
+  Image.fromarray(np.repeat(gray_u8[:, :, None], 3, axis=2)).save(buf, format="PNG")
+  return buf.getvalue()
+
+
+def build_digits(data_dir=None):
+  """Prepares `digits` under `data_dir` (TFDS default when None) unless it is there already.
+
+  Returns a read-only builder of the prepared dataset. file_name is "<sklearn index>.png".
+  """
+  data_dir = _default_data_dir(data_dir)
+  with _lock(data_dir, DIGITS_NAME):
+    if not _is_prepared(DIGITS_NAME, data_dir):
+      images, labels, train_idx, val_idx = digits_arrays()
+      rows = lambda idx: [(f"{i:04d}.png", int(labels[i]), _png_rgb(images[i])) for i in idx]
+      builder = _builder_class(DIGITS_NAME)(
+          data_dir=data_dir, file_format="array_record", class_names=[str(c) for c in range(10)],
+          examples={"train": rows(train_idx), "validation": rows(val_idx)},
+          description="scikit-learn's handwritten digits (UCI optdigits test set), 8x8, RGB PNG.")
+      _prepare(builder)
+      logging.info("Built %s in %s: %d train, %d validation", DIGITS_NAME, data_dir,
+                   len(train_idx), len(val_idx))
+  return _read_only(DIGITS_NAME, data_dir)
+
+
+# ---------------------------------------------------------------------------------------------
+# image folders
+
+
+def _is_image(path):
+  name = os.path.basename(path)
+  return (not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
+          and os.path.isfile(path))
+
+
+def _class_dirs(root):
+  return sorted(d for d in os.listdir(root)
+                if not d.startswith(".") and os.path.isdir(os.path.join(root, d)))
+
+
+def _scan(root, class_names=None):
+  """{class: [relative image paths, sorted]} of root/<class>/... (recursively)."""
+  class_names = _class_dirs(root) if class_names is None else class_names
+  found = {}
+  for c in class_names:
+    files = []
+    for dirpath, dirnames, filenames in os.walk(os.path.join(root, c)):
+      dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+      files += [os.path.relpath(os.path.join(dirpath, f), root) for f in filenames
+                if _is_image(os.path.join(dirpath, f))]
+    found[c] = sorted(files)
+  return found
+
+
+def _folder_examples(root, validation_fraction, seed):
+  """(class names, {split: [(file_name, label, path)]}) of an image folder."""
+  if not os.path.isdir(root):
+    raise FileNotFoundError(f"Image folder root {root!r} does not exist.")
+  explicit = all(os.path.isdir(os.path.join(root, s)) for s in ("train", "validation"))
+  if explicit:
+    class_names = _class_dirs(os.path.join(root, "train"))
+    extra = set(_class_dirs(os.path.join(root, "validation"))) - set(class_names)
+    if extra:
+      raise ValueError(f"{root}/validation has classes missing from {root}/train: {sorted(extra)}")
+    split_files = {s: _scan(os.path.join(root, s), class_names) for s in ("train", "validation")}
+    examples = {s: [(f, i, os.path.join(root, s, f)) for i, c in enumerate(class_names)
+                    for f in files[c]] for s, files in split_files.items()}
+  else:
+    if not 0.0 <= validation_fraction < 1.0:
+      raise ValueError(f"validation_fraction must be in [0, 1), got {validation_fraction}")
+    files = _scan(root)
+    class_names = sorted(files)
+    rng = np.random.default_rng(seed)
+    examples = {"train": [], "validation": []}
+    for i, c in enumerate(class_names):  # stratified: the same fraction of every class
+      order = rng.permutation(len(files[c]))
+      n_val = int(round(validation_fraction * len(order)))
+      for rank, j in enumerate(order):
+        split = "validation" if rank < n_val else "train"
+        examples[split].append((files[c][j], i, os.path.join(root, files[c][j])))
+  examples = {s: rows for s, rows in examples.items() if rows}
+  if not class_names or "train" not in examples:
+    layout = "root/train/<class>/*.jpg" if explicit else "root/<class>/*.jpg"
+    raise ValueError(f"No images ({', '.join(IMAGE_EXTENSIONS)}) found under {root!r}; "
+                     f"expected {layout}.")
+  empty = [c for i, c in enumerate(class_names)
+           if not any(label == i for rows in examples.values() for _, label, _ in rows)]
+  if empty:
+    logging.warning("Image folder %s: classes without images: %s", root, empty)
+  return class_names, examples
+
+
+def check_name(name):
+  """Raises ValueError unless `name` can name a new TFDS dataset (not one TFDS already knows)."""
+  if not _NAME_RE.match(name or ""):
+    raise ValueError(f"Dataset name {name!r} must match {_NAME_RE.pattern} (snake_case).")
+  if name == DIGITS_NAME:
+    raise ValueError(f"Dataset name {name!r} is reserved for the demo dataset.")
+  try:
+    tfds.builder_cls(name)
+  except tfds.core.registered.DatasetNotFoundError:
+    return
+  raise ValueError(f"Dataset name {name!r} is a TFDS catalog dataset; choose another name.")
+
+
+def build_image_folder(root, data_dir, name, validation_fraction=0.1, seed=0, overwrite=False):
+  """Prepares dataset `name` under `data_dir` from the image folder `root`; returns its builder.
+
+  root/<class>/*.{jpg,jpeg,png} (any depth below the class directory) is split per class at
+  random (`validation_fraction`, `seed`); when root/train/<class> and root/validation/<class>
+  exist, those are the splits. Class names are the sorted class directory names; other files
+  are skipped; images are stored as their original bytes. An existing dataset of that name is
+  reused unless `overwrite`. Read it back with `tfds.data_source(name, data_dir=data_dir)` or
+  `pipeline.open_source` with `config.data.name = name`.
+  """
+  check_name(name)
+  data_dir = _default_data_dir(data_dir)
+  with _lock(data_dir, name):
+    if overwrite or not _is_prepared(name, data_dir):
+      class_names, examples = _folder_examples(os.path.expanduser(root), validation_fraction,
+                                               seed)
+      if os.path.isdir(_version_dir(name, data_dir)):  # overwrite: the old files go first
+        shutil.rmtree(_version_dir(name, data_dir))
+      builder = _builder_class(name)(
+          data_dir=data_dir, file_format="array_record", class_names=class_names,
+          examples=examples, description=f"Image folder {root}.")
+      _prepare(builder)
+      logging.info("Built %s in %s from %s: %s", name, data_dir, root,
+                   {s: len(rows) for s, rows in examples.items()})
+    else:
+      logging.info("Reusing %s in %s", name, data_dir)
+  return _read_only(name, data_dir)
+
+
+# ---------------------------------------------------------------------------------------------
+# command line
+
+def _define_flags():
+  """The CLI's flags (defined only when run as a script, so importers' flags never clash)."""
+  flags.DEFINE_enum("dataset", None, ["digits", "image_folder"], "What to build.")
+  flags.DEFINE_string("data_dir", None, "TFDS data directory (default: TFDS').")
+  flags.DEFINE_string("root", None, "image_folder: root/<class>/*.jpg.")
+  flags.DEFINE_string("name", None, "image_folder: the dataset's name (snake_case).")
+  flags.DEFINE_float("validation_fraction", 0.1, "image_folder: held-out fraction per class.")
+  flags.DEFINE_integer("seed", 0, "image_folder: seed of the random split.")
+  flags.DEFINE_bool("overwrite", False, "image_folder: rebuild if it exists.")
+
+
+def main(argv):
+  del argv
+  f = flags.FLAGS
+  if f.dataset == "digits":
+    builder = build_digits(f.data_dir)
+  elif f.dataset == "image_folder":
+    if not f.root or not f.name:
+      raise app.UsageError("--dataset=image_folder needs --root and --name")
+    builder = build_image_folder(f.root, f.data_dir, f.name, f.validation_fraction, f.seed,
+                                 f.overwrite)
+  else:
+    raise app.UsageError("--dataset=digits or --dataset=image_folder is required")
+  splits = {s: info.num_examples for s, info in builder.info.splits.items()}
+  print(f"{builder.info.name} in {builder.data_dir}: {builder.info.features['label'].num_classes}"
+        f" classes, {splits}")
+
+
+if __name__ == "__main__":
+  _define_flags()
+  app.run(main)

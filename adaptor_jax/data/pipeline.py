@@ -1,0 +1,324 @@
+"""TFDS ArrayRecord sources and grain pipelines: per-process batches of uint8 images and labels.
+
+  it = train_iterator(config.data, batch_size=b, seed=config.seed)   # infinite, checkpointable
+  batch = next(it)   # {"image": uint8 (b, S, S, 3), "label": int32 (b,)}
+  for batch in eval_iterator(config.data, batch_size=b): ...        # + "mask": bool (b,)
+
+`batch_size` is per process (the global batch over process_count). Images are decoded and
+transformed on the host (transforms.py) in `config.data.num_workers` grain worker processes;
+normalisation, random erasing and mixup/cutmix run on device (augment.py).
+
+Train stream. Position p of the global stream is record shuffle_e(p mod n) of epoch e = p // n
+(a fresh permutation every epoch, from config.seed); process k of K takes positions k, k+K, ...
+(disjoint); a record's augmentation draws from a generator seeded by (seed, epoch, record index).
+Batches are built inside the workers, batch j by worker j mod num_workers, so the stream is the
+same for any num_workers. Records whose image does not decode are dropped, counted and logged in
+the main process (the batch is topped up from the next one); nothing raises mid-run.
+
+Checkpointing. `train_iterator` returns a grain `DatasetIterator`: `get_state()` is a JSON-able
+dict and `set_state(state)` continues with exactly the batches (order and augmentation) that
+followed. With orbax, save it under the item name "data" next to the train state:
+
+  import grain, orbax.checkpoint as ocp
+  mngr = ocp.CheckpointManager(ckpt_dir)
+  mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                          data=grain.checkpoint.CheckpointSave(train_iter)))
+  mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
+                                             data=grain.checkpoint.CheckpointRestore(train_iter)))
+
+`CheckpointSave` writes `train_iter.get_state()` to data/process_<i>-of-<n>.json (i, n =
+jax.process_index(), jax.process_count(): every process saves its own); `CheckpointRestore`
+calls `set_state` on the iterator you pass, a fresh `train_iterator` built with the same
+config, batch_size, seed, process index/count and num_workers (the state records each worker's
+position, so num_workers must match), and returns it. The state is captured synchronously
+inside `mngr.save`, also with async checkpointing.
+"""
+import math
+import os
+
+import grain
+import jax
+import ml_collections
+import numpy as np
+import tensorflow_datasets as tfds
+from absl import flags, logging
+
+from adaptor_jax.data import builders, transforms
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+_RANDOM_ACCESS_FORMATS = tfds.core.file_adapters.FileFormat.with_random_access()
+
+
+def default_data_config():
+  """ImageNet-1k training defaults (DeiT / Swin / VMamba recipe) for `config.data`."""
+  return ml_collections.ConfigDict(dict(
+      name="imagenet2012",          # TFDS name: catalog (imagenet2012), "digits", or built folders
+      data_dir=None,                # TFDS data_dir; None = TFDS' default (~/tensorflow_datasets)
+      train_split="train",
+      eval_split="validation",
+      image_size=224,
+      crop_pct=0.875,               # eval: resize shorter side to image_size / crop_pct, crop
+      scale=(0.08, 1.0),            # random resized crop: area fraction
+      ratio=(3 / 4, 4 / 3),         # random resized crop: aspect ratio
+      hflip=0.5,                    # horizontal flip probability
+      randaugment="rand-m9-mstd0.5-inc1",  # timm spec; "" = off
+      interpolation="bicubic",
+      reprob=0.25,                  # random erasing probability (device)
+      mixup=0.8,                    # mixup alpha; 0 = off (device)
+      cutmix=1.0,                   # cutmix alpha; 0 = off (device)
+      mixup_switch_prob=0.5,        # probability of cutmix when both are on
+      label_smoothing=0.1,
+      mean=IMAGENET_MEAN,           # 0..1 units
+      std=IMAGENET_STD,
+      num_workers=8,                # grain worker processes per host; 0 = in the main process
+      prefetch=2,                   # batches buffered per worker
+  ))
+
+
+# ---------------------------------------------------------------------------------------------
+# Sources
+
+
+def _how_to_prepare(name, data_dir):
+  where = data_dir or "~/tensorflow_datasets"
+  if name == "imagenet2012":
+    return (f"Prepare it once: put ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar in "
+            f"{where}/downloads/manual/, then run `tfds build imagenet2012 --data_dir={where} "
+            f"--file_format=array_record` (tfds build needs TensorFlow installed in the "
+            f"environment that runs it; training does not).")
+  return (f"For your own images run `python -m adaptor_jax.data.builders --dataset=image_folder "
+          f"--root=DIR --name={name} --data_dir={where}`; for a TFDS catalog dataset run "
+          f"`tfds build {name} --data_dir={where} --file_format=array_record` (needs TensorFlow "
+          f"in that environment); the demo dataset `digits` builds itself.")
+
+
+def open_builder(cfg):
+  """The prepared TFDS builder of `cfg.name` in `cfg.data_dir`; `digits` is built if missing.
+
+  Raises FileNotFoundError, saying how to prepare the dataset, when it is not there.
+  """
+  name, data_dir = cfg.name, cfg.data_dir
+  if data_dir:
+    data_dir = os.path.expanduser(data_dir)
+  if name == builders.DIGITS_NAME:
+    return builders.build_digits(data_dir)
+  if data_dir and not os.path.isdir(data_dir):
+    raise FileNotFoundError(f"config.data.data_dir={data_dir!r} does not exist. "
+                            + _how_to_prepare(name, data_dir))
+  try:
+    builder = tfds.builder(name, data_dir=data_dir)
+  except tfds.core.registered.DatasetNotFoundError:
+    builder = None
+  if builder is None or not builder.is_prepared():
+    raise FileNotFoundError(f"Dataset {name!r} is not prepared in "
+                            f"{data_dir or tfds.core.constants.DATA_DIR}. "
+                            + _how_to_prepare(name, data_dir))
+  file_format = builder.info.file_format
+  if file_format is not None and file_format not in _RANDOM_ACCESS_FORMATS:
+    raise ValueError(f"Dataset {name!r} in {builder.data_dir} is stored as {file_format.value}; "
+                     f"the pipeline needs random access (array_record). Rebuild it with "
+                     f"--file_format=array_record.")
+  return builder
+
+
+def open_source(cfg, split):
+  """Random-access source of `split`: records {"image": encoded bytes, "label": int, ...}.
+
+  Images are not decoded here (SkipDecoding): the pipeline's workers decode them.
+  """
+  builder = open_builder(cfg)
+  _split_info(builder, split)
+  return builder.as_data_source(split=split, decoders={"image": tfds.decode.SkipDecoding()})
+
+
+def _split_info(builder, split):
+  try:
+    return builder.info.splits[split]
+  except (KeyError, ValueError) as e:
+    raise ValueError(f"Dataset {builder.name!r} has no split {split!r} (it has "
+                     f"{sorted(builder.info.splits)}; slices like 'train[:99%]' work).") from e
+
+
+def num_examples(cfg, split):
+  """Examples in `split` (TFDS split syntax, e.g. "train[:99%]", works)."""
+  return _split_info(open_builder(cfg), split).num_examples
+
+
+def num_classes(cfg):
+  """Classes of the dataset's "label" feature."""
+  return open_builder(cfg).info.features["label"].num_classes
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-record work (runs in the grain workers)
+
+
+def _derived_seed(seed, stream):
+  """A 32-bit seed for `stream` (a small int) from any int `seed` (grain shuffles take 32 bits)."""
+  return int(np.random.SeedSequence([int(seed) % 2**64, stream]).generate_state(1)[0])
+
+
+def _decoded(data):
+  """The decoded image, or None when the bytes are not an image (a corrupt record)."""
+  try:
+    return transforms.decode(data)
+  except ValueError:
+    return None
+
+
+class _TrainRecord:
+  """(stream position, record index) -> example; augmentation seeded by (seed, epoch, index)."""
+
+  def __init__(self, source, cfg, seed, size):
+    self._source, self._cfg, self._seed, self._size = source, cfg, seed, size
+    self._blank = np.zeros((cfg.image_size, cfg.image_size, 3), np.uint8)
+
+  def __call__(self, position, record_index):
+    record_index = int(record_index)
+    record = self._source[record_index]
+    image = _decoded(record["image"])
+    valid = image is not None
+    if valid:
+      epoch = position // self._size
+      rng = np.random.default_rng([int(self._seed) % 2**64, epoch, record_index])
+      image = transforms.train_transform(image, rng, self._cfg)
+    else:
+      image = self._blank
+    return dict(image=image, label=np.int32(record["label"]), index=np.int32(record_index),
+                valid=np.bool_(valid), real=np.bool_(True))
+
+
+class _EvalRecord:
+  """Position j of process k's padded shard -> example (record k + j * K, or padding)."""
+
+  def __init__(self, source, cfg, process_index, process_count):
+    self._source, self._cfg = source, cfg
+    self._process_index, self._process_count = process_index, process_count
+    self._size = len(source)
+    self._blank = np.zeros((cfg.image_size, cfg.image_size, 3), np.uint8)
+
+  def __call__(self, position):
+    record_index = self._process_index + position * self._process_count
+    if record_index >= self._size:  # padding of the last batch
+      return dict(image=self._blank, label=np.int32(0), index=np.int32(-1), valid=np.bool_(True),
+                  real=np.bool_(False))
+    record = self._source[record_index]
+    image = _decoded(record["image"])
+    valid = image is not None
+    image = transforms.eval_transform(image, self._cfg) if valid else self._blank
+    return dict(image=image, label=np.int32(record["label"]), index=np.int32(record_index),
+                valid=np.bool_(valid), real=np.bool_(True))
+
+
+# ---------------------------------------------------------------------------------------------
+# Main-process steps
+
+
+class _DropCorrupt:
+  """Drops (train) or masks out (eval) rows whose image did not decode; counts and logs them."""
+
+  def __init__(self, split, with_index, keep_rows):
+    self._split, self._with_index, self._keep_rows = split, with_index, keep_rows
+    self.skipped = 0
+
+  def __call__(self, batch):
+    corrupt = batch["real"] & ~batch["valid"]
+    for index in batch["index"][corrupt]:
+      self.skipped += 1
+      logging.warning("Skipping record %d of split %r: its image does not decode (%d skipped "
+                      "so far).", index, self._split, self.skipped)
+    out = dict(image=batch["image"], label=batch["label"])
+    if self._with_index:
+      out["index"] = batch["index"]
+    if self._keep_rows:
+      out["mask"] = batch["real"] & batch["valid"]
+    elif corrupt.any():
+      out = {k: v[~corrupt] for k, v in out.items()}
+    return out
+
+
+def _to_iter(ds, cfg, max_workers=None):
+  """MapDataset of batches -> IterDataset produced by cfg.num_workers processes (0 = here)."""
+  num_workers, prefetch = int(cfg.num_workers), max(1, int(cfg.prefetch))
+  if num_workers < 0:
+    raise ValueError(f"config.data.num_workers must be >= 0, got {num_workers}")
+  if max_workers is not None:
+    num_workers = min(num_workers, max_workers)
+  # Each element is a whole batch: one thread per process computes it; processes give the
+  # parallelism (the transforms hold the GIL for part of their work).
+  ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=prefetch))
+  if num_workers:
+    if not flags.FLAGS.is_parsed():  # grain reads absl flags when it starts workers; outside an
+      flags.FLAGS.mark_as_parsed()   # absl app (tests, notebooks) they keep their defaults
+    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers,
+                                                     per_worker_buffer_size=prefetch))
+  return ds
+
+
+def _process(process_index, process_count):
+  process_index = jax.process_index() if process_index is None else int(process_index)
+  process_count = jax.process_count() if process_count is None else int(process_count)
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index {process_index} not in [0, process_count={process_count})")
+  return process_index, process_count
+
+
+def _check_batch_size(batch_size):
+  if int(batch_size) != batch_size or batch_size < 1:
+    raise ValueError(f"batch_size must be a positive int (per process), got {batch_size!r}")
+  return int(batch_size)
+
+
+def train_iterator(cfg, *, batch_size, seed, process_index=None, process_count=None,
+                   with_index=False):
+  """Infinite, checkpointable iterator of this process's training batches (see module doc).
+
+  Yields {"image": uint8 (batch_size, S, S, 3), "label": int32 (batch_size,)}, plus "index"
+  (int32 record indices) when `with_index`. process_index / process_count default to JAX's.
+  """
+  batch_size = _check_batch_size(batch_size)
+  process_index, process_count = _process(process_index, process_count)
+  source = open_source(cfg, cfg.train_split)
+  size = len(source)
+  if size == 0:
+    raise ValueError(f"Split {cfg.train_split!r} of {cfg.name!r} is empty.")
+  ds = grain.MapDataset.range(size).shuffle(seed=_derived_seed(seed, 0)).repeat()
+  ds = ds.map_with_index(_TrainRecord(source, cfg, seed, size))
+  ds = ds[process_index::process_count].batch(batch_size, drop_remainder=True)
+  ds = _to_iter(ds, cfg)
+  ds = ds.map(_DropCorrupt(cfg.train_split, with_index, keep_rows=False))
+  ds = ds.filter(lambda batch: len(batch["label"]) > 0)  # every row was corrupt
+  ds = grain.experimental.RebatchIterDataset(ds, batch_size, drop_remainder=True)
+  return iter(ds)
+
+
+def num_eval_batches(cfg, *, batch_size, split=None, process_count=None):
+  """Batches every process's `eval_iterator` yields."""
+  _, process_count = _process(0, process_count)
+  split = cfg.eval_split if split is None else split
+  per_process = -(-num_examples(cfg, split) // process_count)
+  return -(-per_process // _check_batch_size(batch_size))
+
+
+def eval_iterator(cfg, *, batch_size, split=None, process_index=None, process_count=None,
+                  with_index=False):
+  """Finite iterator over this process's share of `split` (default cfg.eval_split), in order.
+
+  Yields {"image": uint8 (batch_size, S, S, 3), "label": int32, "mask": bool} (+ "index" when
+  `with_index`, -1 on padding). Process k of K gets records k, k+K, ...; every process yields
+  the same number of batches (num_eval_batches), the last ones padded (mask False), so each
+  record is seen exactly once over all processes. A record that does not decode is masked out
+  and logged.
+  """
+  batch_size = _check_batch_size(batch_size)
+  process_index, process_count = _process(process_index, process_count)
+  split = cfg.eval_split if split is None else split
+  source = open_source(cfg, split)
+  per_process = -(-len(source) // process_count)
+  padded = math.ceil(per_process / batch_size) * batch_size
+  ds = grain.MapDataset.range(padded).map(_EvalRecord(source, cfg, process_index, process_count))
+  # No more workers than batches: each would start (seconds) for nothing.
+  ds = _to_iter(ds.batch(batch_size), cfg, max_workers=padded // batch_size)
+  ds = ds.map(_DropCorrupt(split, with_index, keep_rows=True))
+  return iter(ds)
