@@ -1,0 +1,153 @@
+"""Every training knob, named and documented once, and the check that runs before any compute.
+
+Experiment files in configs/ start from `default_config()` and change what differs:
+
+  def get_config(arg=None):
+    config = default_config()
+    config.model = "mamba_adaptor_b2"
+    return config
+
+`--config.key=value` on the command line may only override keys that exist here (ml_collections
+refuses unknown keys and wrong types); `validate` checks the values, naming the bad key.
+"""
+import ml_collections
+
+from adaptor_jax.data import pipeline, transforms
+from adaptor_jax.models import registry
+
+DTYPES = ("float32", "bfloat16")
+
+
+def default_config():
+  """The paper's recipe (VMamba / Swin on ImageNet-1k) for a model still to be chosen."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0                      # params init, data order, augmentation and drop path
+  # The model.
+  c.model = "mamba_adaptor_b2"    # a preset of adaptor_jax.list_models()
+  c.model_overrides = ml_collections.ConfigDict()  # create_model overrides, e.g. dims, depths, form
+  c.drop_path_rate = -1.0         # stochastic depth at the last block; -1 keeps the preset's
+  c.dtype = "bfloat16"            # compute dtype (params, optimizer state and EMA stay float32)
+  c.scan_backend = "auto"         # kernels.selective_scan backend
+  c.init_from = ""                # a checkpoint dir (ours or a converted VMamba) to start from
+  # The data (adaptor_jax.data.pipeline documents each field).
+  c.data = pipeline.default_data_config()
+  c.num_classes = -1              # -1: the dataset's number of classes
+  # The schedule, in epochs of the training split.
+  c.batch_size = 1024             # global, over all devices and hosts
+  c.grad_accum = 1                # micro-batches per step (batch_size divisible by it)
+  c.epochs = 300.0
+  c.warmup_epochs = 20.0
+  # AdamW with linear scaling: the rates below are per `lr_base_batch` images.
+  c.lr = 1e-3
+  c.warmup_lr = 1e-6
+  c.min_lr = 1e-5
+  c.lr_base_batch = 1024
+  c.b1 = 0.9
+  c.b2 = 0.999
+  c.weight_decay = 0.05           # not on norms, biases, A_log, D, dt bias, gamma, tokens
+  c.grad_clip = 5.0               # global norm; 0 disables
+  c.ema_decay = 0.9999            # EMA of the params after every step; 0 disables
+  # Devices: a mesh of (data, fsdp); -1 takes the devices left over. FSDP shards params,
+  # optimizer state and EMA over `fsdp`; the batch is split over both axes.
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
+  # Bookkeeping.
+  c.log_every = 50                # steps between progress lines and TensorBoard points
+  c.eval_every = 1.0              # epochs between evaluations; 0: only at the end
+  c.eval_batch_size = 1024        # global
+  c.checkpoint_every = 2000       # steps between (async) checkpoints; one is always written at the end
+  c.keep = 3                      # the last `keep` checkpoints are kept, plus the best by EMA top-1
+  c.compile_cache = "~/.cache/adaptor_jax/xla"  # persistent XLA compilation cache; "" disables
+  c.max_steps = -1                # stop early after this many steps (the schedule is unchanged)
+  return c
+
+
+def vmamba_config(size, arg=None):
+  """configs/vmamba_{size}.py: VMamba-{T,S,B} with the recipe above (drop path: the preset's).
+  arg None: from scratch; "booster": adaptor_vmamba_{size}, Adaptor-T/S inserted at zero, the
+  whole model trains on, started from converted VMamba weights via config.init_from."""
+  variants = {None: f"vmamba_{size}", "booster": f"adaptor_vmamba_{size}"}
+  if arg not in variants:
+    raise ValueError(f"configs/vmamba_{size}.py:{arg}: the variants are none and 'booster'")
+  c = default_config()
+  c.model = variants[arg]
+  c.data.num_workers = 32  # ~150 images/s per core (benchmarks/input_pipeline.py)
+  return c
+
+
+def _fail(key, why):
+  raise ValueError(f"config.{key}: {why}")
+
+
+def validate(config):
+  """Raises ValueError naming the first bad key; returns the config."""
+  c = config
+  known = set(default_config().keys())
+  for key in c.keys():
+    if key not in known:
+      _fail(key, f"unknown key; known keys are {sorted(known)}")
+  if c.model not in registry.list_models():
+    _fail("model", f"{c.model!r} is not a preset; choose one of {registry.list_models()}")
+  if c.dtype not in DTYPES:
+    _fail("dtype", f"{c.dtype!r} is not one of {DTYPES}")
+  for key in ("batch_size", "grad_accum", "lr_base_batch", "log_every", "eval_batch_size",
+              "checkpoint_every", "keep"):
+    if c[key] < 1:
+      _fail(key, f"must be >= 1, got {c[key]}")
+  if c.batch_size % c.grad_accum:
+    _fail("grad_accum", f"{c.grad_accum} does not divide batch_size {c.batch_size}")
+  for key in ("epochs", "lr"):
+    if c[key] <= 0:
+      _fail(key, f"must be > 0, got {c[key]}")
+  for key in ("warmup_epochs", "warmup_lr", "min_lr", "weight_decay", "grad_clip", "eval_every"):
+    if c[key] < 0:
+      _fail(key, f"must be >= 0, got {c[key]}")
+  if c.warmup_epochs >= c.epochs:
+    _fail("warmup_epochs", f"{c.warmup_epochs} must be below epochs {c.epochs}")
+  if not 0 <= c.ema_decay < 1:
+    _fail("ema_decay", f"must be in [0, 1), got {c.ema_decay}")
+  if not (c.drop_path_rate == -1 or 0 <= c.drop_path_rate < 1):
+    _fail("drop_path_rate", f"must be -1 (the preset's) or in [0, 1), got {c.drop_path_rate}")
+  if c.num_classes == 0 or c.num_classes < -1:
+    _fail("num_classes", f"must be -1 (the dataset's) or >= 1, got {c.num_classes}")
+  for axis in c.mesh.keys():
+    if axis not in ("data", "fsdp"):
+      _fail(f"mesh.{axis}", "the mesh axes are data and fsdp")
+    if c.mesh[axis] == 0 or c.mesh[axis] < -1:
+      _fail(f"mesh.{axis}", f"must be -1 or >= 1, got {c.mesh[axis]}")
+  if c.mesh.data == -1 and c.mesh.fsdp == -1:
+    _fail("mesh", "at most one axis may be -1")
+  _validate_data(c.data)
+  return config
+
+
+def _validate_data(d):
+  known = set(pipeline.default_data_config().keys())
+  for key in d.keys():
+    if key not in known:
+      _fail(f"data.{key}", f"unknown key; known keys are {sorted(known)}")
+  if not d.name:
+    _fail("data.name", "a TFDS dataset name is needed")
+  if d.image_size < 8:
+    _fail("data.image_size", f"must be >= 8, got {d.image_size}")
+  if not 0 < d.crop_pct <= 1:
+    _fail("data.crop_pct", f"must be in (0, 1], got {d.crop_pct}")
+  for key in ("scale", "ratio"):
+    lo, hi = d[key]
+    if not 0 < lo <= hi:
+      _fail(f"data.{key}", f"must be (low, high) with 0 < low <= high, got {d[key]}")
+  if d.scale[1] > 1:
+    _fail("data.scale", f"areas are fractions of the image, at most 1; got {d.scale}")
+  for key in ("hflip", "reprob", "mixup_switch_prob", "label_smoothing"):
+    if not 0 <= d[key] <= 1:
+      _fail(f"data.{key}", f"must be in [0, 1], got {d[key]}")
+  for key in ("mixup", "cutmix", "num_workers", "prefetch"):
+    if d[key] < 0:
+      _fail(f"data.{key}", f"must be >= 0, got {d[key]}")
+  if d.interpolation not in ("bicubic", "bilinear"):
+    _fail("data.interpolation", f"must be bicubic or bilinear, got {d.interpolation!r}")
+  try:
+    transforms.parse_rand_augment(d.randaugment)
+  except ValueError as e:
+    _fail("data.randaugment", str(e))
+  if len(d.mean) != 3 or len(d.std) != 3 or min(d.std) <= 0:
+    _fail("data.mean", f"mean and std need 3 channels, std > 0; got {d.mean}, {d.std}")

@@ -1,0 +1,54 @@
+"""What a run reports: a progress line on stdout, TensorBoard event files in `workdir/tensorboard`
+and every logged value, full precision, as JSON lines in `workdir/metrics.jsonl`."""
+import datetime
+import json
+import os
+import time
+
+import jax
+from absl import logging
+
+
+class Progress:
+  """Progress lines every `log_every` steps: step, loss, lr, images/s (total and per device), ETA.
+  Only process 0 writes (stdout and `workdir/tensorboard`)."""
+
+  def __init__(self, workdir, *, total_steps, batch_size, start_step):
+    self.total, self.batch = total_steps, batch_size
+    self.lead = jax.process_index() == 0
+    self.writer = self.jsonl = None
+    if self.lead:
+      from tensorboardX import SummaryWriter  # noqa: PLC0415 - only the lead process writes
+      self.writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
+      self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")  # noqa: SIM115
+    self._t, self._step = time.time(), start_step
+
+  def train(self, step, metrics, lr):
+    """Called with host values after `step` steps."""
+    now = time.time()
+    rate = (step - self._step) * self.batch / max(now - self._t, 1e-9)
+    self._t, self._step = now, step
+    eta = datetime.timedelta(seconds=round((self.total - step) * self.batch / max(rate, 1e-9)))
+    line = (f"step {step}/{self.total} | loss {metrics['loss']:.4f} | lr {lr:.3e} | "
+            f"{rate:.1f} img/s | {rate / jax.device_count():.1f} img/s/device | ETA {eta}")
+    self.scalars(step, dict(metrics, lr=lr, images_per_s=rate), prefix="train/")
+    self.line(line)
+
+  def scalars(self, step, values, prefix=""):
+    if self.writer is not None:
+      values = {prefix + k: float(v) for k, v in values.items()}
+      for k, v in values.items():
+        self.writer.add_scalar(k, v, step)
+      self.writer.flush()
+      self.jsonl.write(json.dumps(dict(step=step, **values)) + "\n")
+      self.jsonl.flush()
+
+  def line(self, text):
+    if self.lead:
+      print(text, flush=True)
+    logging.info(text)
+
+  def close(self):
+    if self.writer is not None:
+      self.writer.close()
+      self.jsonl.close()

@@ -1,0 +1,205 @@
+"""The train state, its creation on the mesh, and the jitted train and eval steps.
+
+The model is split once into a static graph (`Net.graphdef`, plus its never-trained non-param
+state: drop path's RNG variables, reseeded every step) and pure-dict pytrees:
+
+  state = {"step": int32, "params": {...}, "opt": optax state, "ema": {...} or None}
+
+Every array in `state` has an explicit NamedSharding (sharding.py); the train step is one
+`jax.jit` with in/out shardings and the state donated. Randomness (augmentation, drop path) is
+a function of (config.seed, step) only, so a resumed run repeats an uninterrupted one exactly.
+"""
+import dataclasses
+from typing import Any
+
+import jax
+from absl import logging
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from adaptor_jax.data import augment
+from adaptor_jax.models import registry
+from adaptor_jax.training import optimizer, sharding
+
+
+def model_kwargs(config, num_classes):
+  """create_model arguments from the config."""
+  kwargs = dict(config.model_overrides.to_dict())
+  kwargs.update(num_classes=num_classes, dtype=jnp.dtype(config.dtype),
+                scan_backend=config.scan_backend)
+  if config.drop_path_rate >= 0:
+    kwargs["drop_path_rate"] = config.drop_path_rate
+  return kwargs
+
+
+def build_model(config, num_classes, seed=None):
+  """A fresh model (call it under jit or nnx.eval_shape: eager creation is slow)."""
+  seed = config.seed if seed is None else seed
+  return registry.create_model(config.model, rngs=nnx.Rngs(seed),
+                               **model_kwargs(config, num_classes))
+
+
+@dataclasses.dataclass(frozen=True)
+class Net:
+  """The static half of the model: its graph and non-param state."""
+  graphdef: Any
+  rest: Any
+
+  def model(self, params, *, train, key=None):
+    """The module with `params` (a pure dict); in training mode drop path draws from `key`.
+    Differentiate it with nnx transforms at the level it is made (nnx forbids mutating its
+    RNG state from inside a jax.grad trace)."""
+    model = nnx.merge(self.graphdef, params, self.rest)
+    if train:
+      nnx.reseed(model, default=key)
+      model.train()
+    else:
+      model.eval()
+    return model
+
+
+def make_net(config, num_classes):
+  """(net, abstract params as an nnx.State, trainable mask or None), without any compute."""
+  model = nnx.eval_shape(lambda: build_model(config, num_classes))
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  return Net(graphdef, placeholders(rest)), params, optimizer.trainable_mask(model)
+
+
+def placeholders(rest):
+  """Concrete stand-ins for abstract non-param state (drop path's RNG key and count): drop path
+  is reseeded every train step, so these values are never used."""
+  rest = nnx.to_pure_dict(rest)  # plain arrays: merge makes fresh Variables in the caller's trace
+  return jax.tree.map(lambda a: jax.random.key(0) if jax.dtypes.issubdtype(
+      a.dtype, jax.dtypes.prng_key) else jnp.zeros(a.shape, a.dtype), rest)
+
+
+def param_shardings(abstract_params, mesh):
+  """Pure-dict NamedShardings of the params on `mesh` (FSDP rules in sharding.py)."""
+  return nnx.to_pure_dict(sharding.state_shardings(abstract_params, mesh))
+
+
+def create(config, num_classes, mesh, tx):
+  """(net, state, state_shardings): a fresh state made directly in its shardings on `mesh`."""
+  net, abstract_params, _ = make_net(config, num_classes)
+  shardings = param_shardings(abstract_params, mesh)
+
+  def init():
+    model = build_model(config, num_classes)
+    return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+
+  params = _compile(jax.jit(init, out_shardings=shardings))()
+  state, shardings = init_state(params, shardings, config, tx, mesh)
+  return net, state, shardings
+
+
+def _compile(jitted, *args):
+  """Compiles `jitted`; on CPU with XLA's backend optimisations off (init code runs once, and
+  its compile time is otherwise tens of seconds)."""
+  lowered = jitted.lower(*args)
+  if jax.default_backend() == "cpu":
+    return lowered.compile(compiler_options=dict(xla_backend_optimization_level=0,
+                                                 xla_llvm_disable_expensive_passes=True))
+  return lowered.compile()
+
+
+def init_state(params, param_shardings, config, tx, mesh):
+  """The train state around `params` (already placed), and the shardings of every leaf."""
+  repl = sharding.replicated(mesh)
+  opt_shardings = optax.tree_map_params(
+      tx, lambda _, s: s, jax.eval_shape(tx.init, params), param_shardings,
+      transform_non_params=lambda _: repl)
+  shardings = dict(step=repl, params=param_shardings, opt=opt_shardings,
+                   ema=param_shardings if config.ema_decay else None)
+
+  def make(params):
+    return dict(step=jnp.zeros((), jnp.int32), params=params, opt=tx.init(params),
+                ema=jax.tree.map(jnp.copy, params) if config.ema_decay else None)
+
+  state = _compile(jax.jit(make, in_shardings=(param_shardings,), out_shardings=shardings),
+                   params)(params)
+  return state, shardings
+
+
+def make_train_step(net, tx, config, num_classes, shardings, mesh):
+  """jit(train_step)(state, batch) -> (state, metrics); batch {"image": uint8, "label": int32}
+  split over the mesh's batch axes; the state is donated."""
+  accum = config.grad_accum
+
+  def grad_fn(params, x, targets, key):
+    def loss_fn(model):
+      logits = model(x).astype(jnp.float32)
+      return optax.softmax_cross_entropy(logits, targets).mean()
+    loss, grads = nnx.value_and_grad(loss_fn)(net.model(params, train=True, key=key))
+    return loss, nnx.to_pure_dict(grads)
+
+  def train_step(state, batch):
+    key = jax.random.fold_in(jax.random.key(config.seed), state["step"])
+    k_aug, k_drop = jax.random.split(key)
+    x, targets = augment.train_batch(k_aug, batch["image"], batch["label"], config.data,
+                                     num_classes)
+    if accum == 1:
+      loss, grads = grad_fn(state["params"], x, targets, k_drop)
+    else:
+      micro = lambda a: a.reshape(accum, a.shape[0] // accum, *a.shape[1:])
+
+      def body(carry, inputs):
+        i, x_i, t_i = inputs
+        loss_i, grads_i = grad_fn(state["params"], x_i, t_i, jax.random.fold_in(k_drop, i))
+        return jax.tree.map(jnp.add, carry, (loss_i, grads_i)), None
+
+      zero = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, state["params"]))
+      (loss, grads), _ = jax.lax.scan(body, zero, (jnp.arange(accum), micro(x), micro(targets)))
+      loss, grads = jax.tree.map(lambda g: g / accum, (loss, grads))
+    updates, opt = tx.update(grads, state["opt"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    ema = state["ema"]
+    if ema is not None:
+      d = config.ema_decay
+      ema = jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, ema, params)
+    new = dict(step=state["step"] + 1, params=params, opt=opt, ema=ema)
+    return new, dict(loss=loss, grad_norm=optax.global_norm(grads))
+
+  batch_shardings = sharding.batch_sharding(mesh)
+  return jax.jit(train_step, in_shardings=(shardings, batch_shardings),
+                 out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
+
+
+def make_eval_step(net, config, param_shardings, mesh):
+  """jit(eval_step)(params, batch) -> {"top1", "top5", "n"} summed over the (global) batch;
+  padded examples (mask False) count in none."""
+
+  def eval_step(params, batch):
+    x = augment.eval_batch(batch["image"], config.data)
+    logits = net.model(params, train=False)(x).astype(jnp.float32)
+    labels, mask = batch["label"], batch["mask"]
+    k = min(5, logits.shape[-1])
+    topk = jax.lax.top_k(logits, k)[1]
+    hit = topk == labels[:, None]
+    return dict(top1=jnp.sum(hit[:, 0] & mask), top5=jnp.sum(hit.any(-1) & mask),
+                n=jnp.sum(mask))
+
+  return jax.jit(eval_step, in_shardings=(param_shardings, sharding.batch_sharding(mesh)),
+                 out_shardings=sharding.replicated(mesh))
+
+
+def init_from(state, params, config):
+  """The state with every param that `params` (a pure dict, e.g. checkpoint.load_params) has at
+  the same path and shape copied in, also into the EMA; the others (a new head, the adaptors of
+  a booster) keep their init. Logs what was taken."""
+  flat_new = dict(jax.tree_util.tree_flatten_with_path(params)[0])
+  taken, kept = [], []
+
+  def pick(path, old):
+    new = flat_new.get(path)
+    if new is not None and new.shape == old.shape:
+      taken.append(path)
+      return jax.device_put(new.astype(old.dtype), old.sharding)
+    kept.append(jax.tree_util.keystr(path))
+    return old
+
+  fresh = jax.tree_util.tree_map_with_path(pick, state["params"])
+  logging.info("init_from %s: %d params loaded, %d kept at init: %s", config.init_from,
+               len(taken), len(kept), kept)
+  ema = jax.tree.map(jnp.copy, fresh) if state["ema"] is not None else None
+  return dict(state, params=fresh, ema=ema)

@@ -1,0 +1,33 @@
+"""Trains a model: python train.py --config=configs/b2.py --workdir=DIR [--config.key=value ...].
+
+Resumes from the newest checkpoint in --workdir. On several hosts, run the same command on each
+(jax.distributed is initialised from the launcher's environment, or from the flags below).
+"""
+from absl import app, flags
+from ml_collections import config_flags
+
+from adaptor_jax.training import hosts
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file[:arg].",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, TensorBoard events, config.json.")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None,
+                                   "host:port of process 0 (multi-process runs without a "
+                                   "launcher that jax.distributed detects)")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "With --coordinator_address.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "With --coordinator_address.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  from adaptor_jax.training import config as config_lib  # noqa: PLC0415
+  config_lib.validate(_CONFIG.value)  # a bad key or value stops here, before any compute
+  hosts.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  from adaptor_jax.training import loop  # noqa: PLC0415
+  loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+  app.run(main)
