@@ -54,7 +54,7 @@ def default_data_config():
   """ImageNet-1k training defaults (DeiT / Swin / VMamba recipe) for `config.data`."""
   return ml_collections.ConfigDict(dict(
       name="imagenet2012",          # TFDS name: catalog (imagenet2012), "digits", or built folders
-      data_dir=None,                # TFDS data_dir; None = TFDS' default (~/tensorflow_datasets)
+      data_dir="",                  # TFDS data_dir; "" = TFDS' default (~/tensorflow_datasets)
       train_split="train",
       eval_split="validation",
       image_size=224,

@@ -13,7 +13,7 @@ refuses unknown keys and wrong types); `validate` checks the values, naming the 
 import ml_collections
 
 from adaptor_jax.data import pipeline, transforms
-from adaptor_jax.models import registry
+from adaptor_jax.models import registry, vmamba
 
 DTYPES = ("float32", "bfloat16")
 
@@ -24,7 +24,9 @@ def default_config():
   c.seed = 0                      # params init, data order, augmentation and drop path
   # The model.
   c.model = "mamba_adaptor_b2"    # a preset of adaptor_jax.list_models()
-  c.model_overrides = ml_collections.ConfigDict()  # create_model overrides, e.g. dims, depths, form
+  c.form = ""                     # VMamba family: none|backbone|booster|adaptor; "" = the preset's
+  c.share_adaptor = False         # form=adaptor: one adaptor per stage instead of per block
+  c.model_overrides = ml_collections.ConfigDict()  # other create_model arguments (dims, depths)
   c.drop_path_rate = -1.0         # stochastic depth at the last block; -1 keeps the preset's
   c.dtype = "bfloat16"            # compute dtype (params, optimizer state and EMA stay float32)
   c.scan_backend = "auto"         # kernels.selective_scan backend
@@ -87,6 +89,12 @@ def validate(config):
       _fail(key, f"unknown key; known keys are {sorted(known)}")
   if c.model not in registry.list_models():
     _fail("model", f"{c.model!r} is not a preset; choose one of {registry.list_models()}")
+  if c.form and c.model.startswith("vim"):
+    _fail("form", f"forms apply to the VMamba family, not {c.model}")
+  if c.form not in ("", *vmamba.FORMS):
+    _fail("form", f"{c.form!r} is not one of {vmamba.FORMS}")
+  if c.share_adaptor and c.form != "adaptor":
+    _fail("share_adaptor", "only applies with form='adaptor'")
   if c.dtype not in DTYPES:
     _fail("dtype", f"{c.dtype!r} is not one of {DTYPES}")
   for key in ("batch_size", "grad_accum", "lr_base_batch", "log_every", "eval_batch_size",
@@ -145,9 +153,10 @@ def _validate_data(d):
       _fail(f"data.{key}", f"must be >= 0, got {d[key]}")
   if d.interpolation not in ("bicubic", "bilinear"):
     _fail("data.interpolation", f"must be bicubic or bilinear, got {d.interpolation!r}")
-  try:
-    transforms.parse_rand_augment(d.randaugment)
-  except ValueError as e:
-    _fail("data.randaugment", str(e))
+  if d.randaugment:  # "" turns RandAugment off
+    try:
+      transforms.parse_rand_augment(d.randaugment)
+    except ValueError as e:
+      _fail("data.randaugment", str(e))
   if len(d.mean) != 3 or len(d.std) != 3 or min(d.std) <= 0:
     _fail("data.mean", f"mean and std need 3 channels, std > 0; got {d.mean}, {d.std}")

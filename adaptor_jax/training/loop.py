@@ -111,7 +111,7 @@ def train_and_evaluate(config, workdir):
                                                           shardings["params"]), config)
   train_step = steps.make_train_step(net, tx, config, num_classes, shardings, mesh)
   eval_step = steps.make_eval_step(net, config, shardings["params"], mesh)
-  step = int(jax.device_get(state["step"]))
+  step = start = int(jax.device_get(state["step"]))
   progress = Progress(workdir, total_steps=total_steps, batch_size=config.batch_size,
                       start_step=step)
   progress.line(f"{config.model}: {n_train} training images, {steps_per_epoch} steps/epoch, "
@@ -122,6 +122,9 @@ def train_and_evaluate(config, workdir):
     batch = sharding.global_batch(next(data_iter), mesh)
     state, metrics = train_step(state, batch)
     step += 1
+    if step == start + 1:  # rates and ETA count from the end of the first (compiling) step
+      jax.block_until_ready(metrics)
+      progress.restart(step)
     if step % config.log_every == 0 or step == last_step:
       progress.train(step, jax.device_get(metrics), float(lr_at(step - 1)))
     evaluate_now = step % eval_every == 0 or step == last_step

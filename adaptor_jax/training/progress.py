@@ -23,12 +23,19 @@ class Progress:
       self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")  # noqa: SIM115
     self._t, self._step = time.time(), start_step
 
+  def restart(self, step):
+    """Rates count from here (call it once the first step, with its compilation, is done)."""
+    self._t, self._step = time.time(), step
+
   def train(self, step, metrics, lr):
     """Called with host values after `step` steps."""
     now = time.time()
-    rate = (step - self._step) * self.batch / max(now - self._t, 1e-9)
+    if step == self._step:  # nothing timed yet: the first step (its compilation) just ended
+      rate, eta = float("nan"), "?"
+    else:
+      rate = (step - self._step) * self.batch / max(now - self._t, 1e-9)
+      eta = datetime.timedelta(seconds=round((self.total - step) * self.batch / rate))
     self._t, self._step = now, step
-    eta = datetime.timedelta(seconds=round((self.total - step) * self.batch / max(rate, 1e-9)))
     line = (f"step {step}/{self.total} | loss {metrics['loss']:.4f} | lr {lr:.3e} | "
             f"{rate:.1f} img/s | {rate / jax.device_count():.1f} img/s/device | ETA {eta}")
     self.scalars(step, dict(metrics, lr=lr, images_per_s=rate), prefix="train/")

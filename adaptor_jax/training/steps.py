@@ -19,7 +19,7 @@ import optax
 from flax import nnx
 
 from adaptor_jax.data import augment
-from adaptor_jax.models import registry
+from adaptor_jax.models import registry, vmamba
 from adaptor_jax.training import optimizer, sharding
 
 
@@ -28,6 +28,8 @@ def model_kwargs(config, num_classes):
   kwargs = dict(config.model_overrides.to_dict())
   kwargs.update(num_classes=num_classes, dtype=jnp.dtype(config.dtype),
                 scan_backend=config.scan_backend)
+  if config.form:
+    kwargs.update(form=config.form, share_adaptor=config.share_adaptor)
   if config.drop_path_rate >= 0:
     kwargs["drop_path_rate"] = config.drop_path_rate
   return kwargs
@@ -45,6 +47,7 @@ class Net:
   """The static half of the model: its graph and non-param state."""
   graphdef: Any
   rest: Any
+  wrt: Any = nnx.Param  # the nnx filter of the params that train (vmamba.trainable)
 
   def model(self, params, *, train, key=None):
     """The module with `params` (a pure dict); in training mode drop path draws from `key`.
@@ -63,7 +66,9 @@ def make_net(config, num_classes):
   """(net, abstract params as an nnx.State, trainable mask or None), without any compute."""
   model = nnx.eval_shape(lambda: build_model(config, num_classes))
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-  return Net(graphdef, placeholders(rest)), params, optimizer.trainable_mask(model)
+  mask = optimizer.trainable_mask(model)
+  wrt = nnx.Param if mask is None else vmamba.trainable(model)
+  return Net(graphdef, placeholders(rest), wrt), params, mask
 
 
 def placeholders(rest):
@@ -130,8 +135,9 @@ def make_train_step(net, tx, config, num_classes, shardings, mesh):
     def loss_fn(model):
       logits = model(x).astype(jnp.float32)
       return optax.softmax_cross_entropy(logits, targets).mean()
-    loss, grads = nnx.value_and_grad(loss_fn)(net.model(params, train=True, key=key))
-    return loss, nnx.to_pure_dict(grads)
+    grad = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, net.wrt))
+    loss, grads = grad(net.model(params, train=True, key=key))
+    return loss, _zeros_where_missing(nnx.to_pure_dict(grads), params)
 
   def train_step(state, batch):
     key = jax.random.fold_in(jax.random.key(config.seed), state["step"])
@@ -163,6 +169,13 @@ def make_train_step(net, tx, config, num_classes, shardings, mesh):
   batch_shardings = sharding.batch_sharding(mesh)
   return jax.jit(train_step, in_shardings=(shardings, batch_shardings),
                  out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
+
+
+def _zeros_where_missing(grads, params):
+  """Frozen params get no gradient computed (argnums=DiffState(wrt)); optax wants the full tree."""
+  flat = dict(jax.tree_util.tree_flatten_with_path(grads)[0])
+  return jax.tree_util.tree_map_with_path(
+      lambda path, p: flat[path] if path in flat else jnp.zeros_like(p), params)
 
 
 def make_eval_step(net, config, param_shardings, mesh):
