@@ -36,15 +36,16 @@ def _per_process(global_batch):
 def evaluate(eval_step, params_by_name, config, mesh, split=None):
   """Top-1/top-5 of each named params pytree ("raw", "ema") on `split` (default the eval split):
   {name}_top1, {name}_top5, and top1/top5 of the EMA when given (else raw), n, images_per_s."""
-  totals = {name: dict(top1=0, top5=0, n=0) for name in params_by_name}
   start = time.time()
+  outs = {name: [] for name in params_by_name}  # fetched at the end: loading overlaps compute
   for batch in pipeline.eval_iterator(config.data, split=split,
                                       batch_size=_per_process(config.eval_batch_size)):
     batch = sharding.global_batch({k: batch[k] for k in ("image", "label", "mask")}, mesh)
     for name, params in params_by_name.items():
-      out = jax.device_get(eval_step(params, batch))
-      for k in totals[name]:
-        totals[name][k] += int(out[k])
+      outs[name].append(eval_step(params, batch))
+  totals = {}
+  for name, results in jax.device_get(outs).items():
+    totals[name] = {k: sum(int(r[k]) for r in results) for k in ("top1", "top5", "n")}
   seconds = time.time() - start
   result = {}
   for name, t in totals.items():
@@ -95,10 +96,10 @@ def train_and_evaluate(config, workdir):
     with open(os.path.join(workdir, "config.json"), "w") as f:
       json.dump(config.to_dict(), f, indent=2)
 
-  _, _, trainable = steps.make_net(config, num_classes)
-  tx = optimizer.make(config, steps_per_epoch, trainable)
+  made = steps.make_net(config, num_classes)
+  tx = optimizer.make(config, steps_per_epoch, trainable=made[2])
   lr_at = optimizer.schedule(config, steps_per_epoch)
-  net, state, shardings = steps.create(config, num_classes, mesh, tx)
+  net, state, shardings = steps.create(config, num_classes, mesh, tx, made)
   data_iter = pipeline.train_iterator(config.data, batch_size=_per_process(config.batch_size),
                                       seed=config.seed)
   mngr = checkpoint.manager(workdir, config)

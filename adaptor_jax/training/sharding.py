@@ -56,13 +56,6 @@ def state_shardings(abstract_params, mesh):
   return jax.tree.map(one, abstract_params, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
-def like(tree_shardings, target):
-  """Shardings for an optax state built from params: moments shaped like the params take the
-  params' sharding, every other leaf (counts, scalars) is replicated."""
-  del tree_shardings, target
-  raise NotImplementedError
-
-
 def batch_sharding(mesh):
   """Leading (batch) axis split over data and fsdp."""
   return NamedSharding(mesh, P(BATCH))

@@ -84,9 +84,10 @@ def param_shardings(abstract_params, mesh):
   return nnx.to_pure_dict(sharding.state_shardings(abstract_params, mesh))
 
 
-def create(config, num_classes, mesh, tx):
-  """(net, state, state_shardings): a fresh state made directly in its shardings on `mesh`."""
-  net, abstract_params, _ = make_net(config, num_classes)
+def create(config, num_classes, mesh, tx, made=None):
+  """(net, state, state_shardings): a fresh state made directly in its shardings on `mesh`.
+  `made`: make_net's result when the caller has it already."""
+  net, abstract_params, _ = made or make_net(config, num_classes)
   shardings = param_shardings(abstract_params, mesh)
 
   def init():
