@@ -112,9 +112,10 @@ def _compile(jitted, *args):
 def init_state(params, param_shardings, config, tx, mesh):
   """The train state around `params` (already placed), and the shardings of every leaf."""
   repl = sharding.replicated(mesh)
+  masked = lambda x: isinstance(x, optax.MaskedNode)  # frozen params' slots (multi_transform)
   opt_shardings = optax.tree_map_params(
-      tx, lambda _, s: s, jax.eval_shape(tx.init, params), param_shardings,
-      transform_non_params=lambda _: repl)
+      tx, lambda x, s: x if masked(x) else s, jax.eval_shape(tx.init, params), param_shardings,
+      transform_non_params=lambda _: repl, is_leaf=masked)
   shardings = dict(step=repl, params=param_shardings, opt=opt_shardings,
                    ema=param_shardings if config.ema_decay else None)
 
