@@ -104,9 +104,9 @@ def _check_same_step(info, arrays, run):
   """`run` matches the 1-device run: the same initial params bit for bit (made under jit in
   their shardings from the same seed), and after 2 steps the same losses and gradient norms,
   params, EMA and updates (final - initial params: Adam-normalised, the most sensitive
-  quantity) to float32 reduction-order noise. Seen, sharded: losses ~2e-7, params and EMA
-  <= 4e-7 per tensor, the update ~7e-7 over all params and <= 2e-6 for the worst tensor;
-  grad_accum=2: about the same."""
+  quantity) to float32 reduction-order noise. Seen (sharded and grad_accum=2 alike): losses
+  <= 2e-7, params and EMA <= 4e-7 per tensor, the update <= 9e-7 over all params and <= 2e-6
+  for the worst tensor (up to 3e-5 with XLA's CPU fusion emitters on)."""
   axes, _, _ = tc.RUNS[run]
   assert info[run]["mesh"] == axes and info[run]["step"] == info["one"]["step"] == 2
   for key in ("losses", "grad_norms"):
@@ -211,6 +211,8 @@ def _set(path, value):
 @pytest.mark.parametrize("change,key", [
     (_set("lr_schedule", "cosine"), "lr_schedule"),
     (_set("model", "resnet50"), "model"),
+    (_set("form", "sideways"), "form"),
+    (_set("share_adaptor", True), "share_adaptor"),  # only with form="adaptor"
     (_set("dtype", "float16"), "dtype"),
     (_set("batch_size", 0), "batch_size"),
     (_set("grad_accum", 3), "grad_accum"),  # does not divide 1024
@@ -444,7 +446,7 @@ def test_adaptor_form_train_step_freezes_the_backbone():
   multi_transform, whose state has no slots for frozen params): after a step, weight decay on,
   every frozen param is bit-identical; the head and the adaptors' gamma moved (the
   zero-initialised branch opens)."""
-  config = tc.set_form(tc.tiny_config(model="vmamba_tiny"), "adaptor")
+  config = tc.tiny_config(model="vmamba_tiny", form="adaptor")
   config.data.update(mixup=0.0, cutmix=0.0)  # a shorter compile; not what this test is about
   init, after, metrics, trainable = _one_step(config, _batch(16, 16))
   trainable = tc.flat(trainable)
