@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from kernels import pallas_gpu, pallas_tpu, reference, xla
+from kernels.per_shard import per_shard
 
 BACKENDS = {
     "reference": reference.selective_scan,
@@ -34,6 +35,8 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
   CUDA, xla elsewhere; $ADAPTOR_SCAN_BACKEND overrides it), one of BACKENDS, or a function
   with the backends' signature (the tests pass interpret-mode Pallas kernels this way).
   Returns y, or (y, last state (batch, D, N) float32) when return_last_state.
+  Under a mesh in context (jax.set_mesh) the call runs once per shard of the batch, over the
+  mesh's axes (kernels/per_shard.py): no kernel is ever left to XLA's partitioner.
   """
   _check(u, delta, A, B, C, D, z, delta_bias)
   d_inner = u.shape[-1]
@@ -47,13 +50,16 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     backend = os.environ.get(ENV_VAR, "auto")
   if backend == "auto":
     run = lambda name: (lambda *a: BACKENDS[name](*a, *flags))
-    y, last = jax.lax.platform_dependent(*args, tpu=run("pallas_tpu"), cuda=run("pallas_gpu"),
-                                         default=run("xla"))
+    call = lambda *a: jax.lax.platform_dependent(*a, tpu=run("pallas_tpu"),
+                                                 cuda=run("pallas_gpu"), default=run("xla"))
   elif backend in BACKENDS or callable(backend):
-    y, last = BACKENDS.get(backend, backend)(*args, *flags)
+    call = lambda *a: BACKENDS.get(backend, backend)(*a, *flags)
   else:
     raise ValueError(f"selective_scan: unknown backend {backend!r}; "
                      f"choose 'auto' or one of {sorted(BACKENDS)}")
+  # On a mesh, each device scans its own slice of the batch (kernels/per_shard.py).
+  y, last = per_shard(call, args, batched=(True, True, False, True, True, False, True, False),
+                      name="selective_scan")
   return (y, last) if return_last_state else y
 
 

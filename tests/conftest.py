@@ -9,3 +9,13 @@ def fast_compiles():
   expensive optimisation passes. Tests that measure compiled memory turn them back on."""
   jax.config.update("jax_disable_most_optimizations", True)
   yield
+
+
+@pytest.fixture
+def full_optimizations():
+  """For programs compiled as a run compiles them (the TPU compiles): XLA's optimisations on."""
+  jax.config.update("jax_disable_most_optimizations", False)
+  try:
+    yield
+  finally:
+    jax.config.update("jax_disable_most_optimizations", True)

@@ -2,7 +2,8 @@
 
 Every kernel run goes through the public op with the race detector on and out-of-bounds block
 reads returning NaN-filled "uninitialized" memory, so a ragged last chunk must be masked. The
-lowering tests export the real (non-interpret) kernels for TPU at the model shapes.
+lowering tests export the real (non-interpret) kernels for TPU at the model shapes, and the
+compile tests run the real TPU compiler (libtpu, deviceless) on them for v5e, v4 and v5p chips.
 """
 import functools
 
@@ -15,6 +16,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 import kernels
+from adaptor_jax.training import aot
 from kernels import pallas_tpu
 from scan_cases import (MODEL_SHAPES, check_against_reference, check_unit_readout, export_args,
                         largest_tensor, make_inputs)
@@ -156,3 +158,41 @@ def test_auto_backend_exports_the_mosaic_kernels_for_tpu():
   text = jax.export.export(jax.jit(jax.grad(lambda kw: jnp.sum(f(kw)))),
                            platforms=["tpu"])(args).mlir_module()
   assert "selective_scan_fwd" in text and "selective_scan_bwd" in text
+
+
+# ---------------------------------------------------------------------------------------------
+# The real TPU compiler, without a TPU: Mosaic and XLA:TPU compile the kernels for one chip.
+
+@functools.cache
+def one_chip(chip):
+  return jax.sharding.SingleDeviceSharding(
+      aot.topology_devices(chip, aot.CHIPS[chip].slice_shape(1))[0])
+
+
+@pytest.mark.usefixtures("full_optimizations")
+@pytest.mark.parametrize("chip", sorted(aot.CHIPS))
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("name", MODEL_SHAPES)
+def test_compiles_for_tpu_chips(name, dtype, chip):
+  """Forward and forward+backward compile at the model shapes; the compiled programs call the
+  kernels, and none holds a temporary the size of the (batch, L, D, N) states."""
+  shape = MODEL_SHAPES[name]
+  device = one_chip(chip)
+  args = [jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device) for a in export_args(shape, dtype)]
+  scan = lambda *a: pallas_tpu.selective_scan(*a, True, True, name == "vim_t")
+
+  def loss(*a):
+    y, last = scan(*a)
+    return jnp.sum(y.astype(jnp.float32)) + jnp.sum(last)
+
+  fwd = jax.jit(scan).lower(*args).compile()
+  bwd = jax.jit(jax.grad(loss, argnums=tuple(range(8)))).lower(*args).compile()
+  assert aot.custom_calls(fwd, "selective_scan_fwd")
+  assert aot.custom_calls(bwd, "selective_scan_fwd") and aot.custom_calls(bwd, "selective_scan_bwd")
+  batch, length, d_inner, _, n_state = shape
+  states = batch * length * d_inner * n_state * 4
+  temps = aot.memory(bwd)["temporaries"]
+  print(f"\n{name} {jnp.dtype(dtype).name} {chip}: fwd+bwd temporaries {temps / 2**20:.1f} MiB, "
+        f"states {states / 2**20:.1f} MiB")
+  if n_state > 1:
+    assert temps < states

@@ -4,10 +4,16 @@ Batches are split over both axes. FSDP: every param (and its optimizer moments a
 split over `fsdp` along its first logical axis (`embed`, `mlp`, `inner`, `classes`) whose size
 the `fsdp` axis divides; params with no such axis (small ones: norms, A_log of N = 1...) are
 replicated. With fsdp = 1 everything is replicated and training is plain data parallel.
+
+The steps are traced with the mesh as the context's abstract mesh (`on_mesh`), so every kernel
+call in the model runs once per shard of the batch (kernels/per_shard.py).
 """
+import functools
+
 import jax
 import numpy as np
 from flax import nnx
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 BATCH = ("data", "fsdp")
@@ -26,11 +32,29 @@ def make_mesh(mesh_config, devices=None):
   if data * fsdp != n:
     raise ValueError(f"config.mesh: data={mesh_config.data} x fsdp={mesh_config.fsdp} does not "
                      f"cover the {n} devices")
-  try:  # topology-aware on TPU/GPU slices; a plain reshape elsewhere
-    grid = jax.experimental.mesh_utils.create_device_mesh((data, fsdp), devices)
-  except Exception:  # noqa: BLE001 - e.g. CPU devices without a topology
-    grid = np.asarray(devices).reshape(data, fsdp)
+  grid = device_grid((data, fsdp), devices)
   return Mesh(grid, ("data", "fsdp"))
+
+
+def device_grid(shape, devices):
+  """Devices laid out as an array of `shape`. On TPU, `mesh_utils.create_device_mesh`'s layout:
+  it follows the chips' physical torus, so each mesh axis is a ring of neighbouring chips
+  (a physical axis is split between mesh axes where the shapes ask for it, e.g. (2, 8) on 4x4).
+  Elsewhere (GPU hosts, CPU) the devices in the order given, reshaped: `jax.devices()` groups
+  them by process, so the last axis (fsdp, whose all-gathers are the most frequent) stays
+  inside a host whenever it fits in one."""
+  if devices[0].platform == "tpu":
+    return mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+  return np.asarray(devices).reshape(shape)
+
+
+def on_mesh(fn, mesh):
+  """`fn` traced with `mesh` as the context's abstract mesh: kernels inside run per shard."""
+  @functools.wraps(fn)
+  def traced(*args, **kwargs):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      return fn(*args, **kwargs)
+  return traced
 
 
 def param_spec(names, shape, fsdp_size):

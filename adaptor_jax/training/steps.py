@@ -27,7 +27,7 @@ def model_kwargs(config, num_classes):
   """create_model arguments from the config."""
   kwargs = dict(config.model_overrides.to_dict())
   kwargs.update(num_classes=num_classes, dtype=jnp.dtype(config.dtype),
-                scan_backend=config.scan_backend)
+                scan_backend=config.scan_backend, remat=config.remat)
   if config.form:
     kwargs.update(form=config.form, share_adaptor=config.share_adaptor)
   if config.drop_path_rate >= 0:
@@ -109,23 +109,43 @@ def _compile(jitted, *args):
   return lowered.compile()
 
 
-def init_state(params, param_shardings, config, tx, mesh):
-  """The train state around `params` (already placed), and the shardings of every leaf."""
+def state_shardings(abstract_params, param_shardings, config, tx, mesh):
+  """The shardings of every leaf of the train state around params of `param_shardings`."""
   repl = sharding.replicated(mesh)
   masked = lambda x: isinstance(x, optax.MaskedNode)  # frozen params' slots (multi_transform)
   opt_shardings = optax.tree_map_params(
-      tx, lambda x, s: x if masked(x) else s, jax.eval_shape(tx.init, params), param_shardings,
-      transform_non_params=lambda _: repl, is_leaf=masked)
-  shardings = dict(step=repl, params=param_shardings, opt=opt_shardings,
-                   ema=param_shardings if config.ema_decay else None)
+      tx, lambda x, s: x if masked(x) else s, jax.eval_shape(tx.init, abstract_params),
+      param_shardings, transform_non_params=lambda _: repl, is_leaf=masked)
+  return dict(step=repl, params=param_shardings, opt=opt_shardings,
+              ema=param_shardings if config.ema_decay else None)
 
-  def make(params):
-    return dict(step=jnp.zeros((), jnp.int32), params=params, opt=tx.init(params),
-                ema=jax.tree.map(jnp.copy, params) if config.ema_decay else None)
 
+def _make_state(params, tx, config):
+  return dict(step=jnp.zeros((), jnp.int32), params=params, opt=tx.init(params),
+              ema=jax.tree.map(jnp.copy, params) if config.ema_decay else None)
+
+
+def init_state(params, param_shardings, config, tx, mesh):
+  """The train state around `params` (already placed), and the shardings of every leaf."""
+  shardings = state_shardings(params, param_shardings, config, tx, mesh)
+  make = lambda params: _make_state(params, tx, config)
   state = _compile(jax.jit(make, in_shardings=(param_shardings,), out_shardings=shardings),
                    params)(params)
   return state, shardings
+
+
+def abstract_state(config, num_classes, mesh, tx, made=None):
+  """(net, the train state as ShapeDtypeStructs carrying their shardings, state shardings):
+  what `create` would make on `mesh`, without computing anything, for ahead-of-time compiles
+  (benchmarks/tpu_fit.py compiles train steps for TPU topologies this way)."""
+  net, abstract_params, _ = made or make_net(config, num_classes)
+  param_sh = param_shardings(abstract_params, mesh)
+  params = nnx.to_pure_dict(abstract_params)
+  shardings = state_shardings(params, param_sh, config, tx, mesh)
+  shapes = jax.eval_shape(lambda p: _make_state(p, tx, config), params)
+  placed = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        shapes, shardings)
+  return net, placed, shardings
 
 
 def make_train_step(net, tx, config, num_classes, shardings, mesh):
@@ -149,7 +169,9 @@ def make_train_step(net, tx, config, num_classes, shardings, mesh):
     if accum == 1:
       loss, grads = grad_fn(state["params"], x, targets, k_drop)
     else:
-      micro = lambda a: a.reshape(accum, a.shape[0] // accum, *a.shape[1:])
+      # micro-batch i takes every accum-th example: each device's part of the batch splits
+      # evenly into the micro-batches, so they stay on every device (no resharding)
+      micro = lambda a: a.reshape(a.shape[0] // accum, accum, *a.shape[1:]).swapaxes(0, 1)
 
       def body(carry, inputs):
         i, x_i, t_i = inputs
@@ -169,7 +191,7 @@ def make_train_step(net, tx, config, num_classes, shardings, mesh):
     return new, dict(loss=loss, grad_norm=optax.global_norm(grads))
 
   batch_shardings = sharding.batch_sharding(mesh)
-  return jax.jit(train_step, in_shardings=(shardings, batch_shardings),
+  return jax.jit(sharding.on_mesh(train_step, mesh), in_shardings=(shardings, batch_shardings),
                  out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
 
 
@@ -194,7 +216,8 @@ def make_eval_step(net, config, param_shardings, mesh):
     return dict(top1=jnp.sum(hit[:, 0] & mask), top5=jnp.sum(hit.any(-1) & mask),
                 n=jnp.sum(mask))
 
-  return jax.jit(eval_step, in_shardings=(param_shardings, sharding.batch_sharding(mesh)),
+  return jax.jit(sharding.on_mesh(eval_step, mesh),
+                 in_shardings=(param_shardings, sharding.batch_sharding(mesh)),
                  out_shardings=sharding.replicated(mesh))
 
 
