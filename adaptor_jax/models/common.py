@@ -70,6 +70,26 @@ selective_scan = jax.jit(
     static_argnames=("delta_softplus", "return_last_state", "reverse", "backend"))
 
 
+# Rematerialisation of a block's activations in the backward pass (config.remat): "none" keeps
+# what autodiff keeps; "full" keeps only the block's input and recomputes the block;
+# "matmuls" keeps the outputs of the block's matrix products and recomputes the rest
+# (norms, activations, convolutions, the scans).
+REMAT = {"none": None, "full": jax.checkpoint_policies.nothing_saveable,
+         "matmuls": jax.checkpoint_policies.checkpoint_dots}
+
+
+def check_remat(remat, where):
+  if remat not in REMAT:
+    raise ValueError(f"{where}: remat must be one of {sorted(REMAT)}, got {remat!r}")
+
+
+def run_block(block, remat, *args):
+  """block(*args), its activations rematerialised by the REMAT policy named `remat`."""
+  if REMAT[remat] is None:
+    return block(*args)
+  return nnx.remat(lambda b, *a: b(*a), policy=REMAT[remat])(block, *args)
+
+
 class LayerNorm(nnx.Module):
   """LayerNorm over channels (eps 1e-5, as PyTorch), params float32."""
 

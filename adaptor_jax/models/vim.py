@@ -143,15 +143,17 @@ class Block(nnx.Module):
 
 class Vim(nnx.Module):
   """Vision Mamba. Takes images (B, H, W, 3); returns logits (B, num_classes), or with
-  return_features=True the final normed token sequence (B, M + 1, D), cls token at M // 2."""
+  return_features=True the final normed token sequence (B, M + 1, D), cls token at M // 2.
+  remat: how each block's activations are kept for the backward pass (common.REMAT)."""
 
   def __init__(self, *, embed_dim, depth=24, patch_size=16, stride=16, d_state=16, expand=2,
                d_conv=4, num_classes=1000, image_size=224, drop_path_rate=0.0,
-               dtype=jnp.float32, scan_backend="auto", rngs: nnx.Rngs):
+               dtype=jnp.float32, scan_backend="auto", remat="none", rngs: nnx.Rngs):
+    common.check_remat(remat, "Vim")
     if image_size < patch_size:
       raise ValueError(f"Vim: image_size {image_size} is smaller than one patch ({patch_size})")
     self.embed_dim, self.depth = embed_dim, depth
-    self.patch_size, self.stride, self.dtype = patch_size, stride, dtype
+    self.patch_size, self.stride, self.dtype, self.remat = patch_size, stride, dtype, remat
     side = (image_size - patch_size) // stride + 1
     self.grid_size = (side, side)
     self.patch_embed = nnx.Conv(
@@ -202,7 +204,7 @@ class Vim(nnx.Module):
     hidden_BLD = self.tokens(x_BHW3)
     residual_BLD = None
     for layer in self.layers:
-      hidden_BLD, residual_BLD = layer(hidden_BLD, residual_BLD)
+      hidden_BLD, residual_BLD = common.run_block(layer, self.remat, hidden_BLD, residual_BLD)
     residual_BLD = residual_BLD + self.drop_path(hidden_BLD.astype(jnp.float32))
     f_BLD = self.norm_f(residual_BLD).astype(self.dtype)
     if return_features:

@@ -75,6 +75,7 @@ class Downsample(nnx.Module):
 class VSSM(nnx.Module):
   """VMamba v2 backbone: patch embed, 4 stages of VSS blocks with downsampling, head LN-pool-Linear.
 
+  remat: how each VSS block's activations are kept for the backward pass (common.REMAT).
   Takes images (B, H, W, 3); returns logits (B, num_classes), or with return_features=True the four
   stage outputs (B, H/4, W/4, d0), (B, H/8, W/8, d1), (B, H/16, W/16, d2), (B, H/32, W/32, d3),
   each taken before the stage's downsampling (ceil division for odd sizes).
@@ -82,15 +83,17 @@ class VSSM(nnx.Module):
 
   def __init__(self, *, dims, depths, ssm_ratio, d_state=1, mlp_ratio=4.0, num_classes=1000,
                drop_path_rate=0.0, form="none", adaptor: AdaptorConfig | None = None,
-               share_adaptor=False, dtype=jnp.float32, scan_backend="auto", rngs: nnx.Rngs):
+               share_adaptor=False, dtype=jnp.float32, scan_backend="auto", remat="none",
+               rngs: nnx.Rngs):
     if form not in FORMS:
       raise ValueError(f"VSSM: form must be one of {FORMS}, got {form!r}")
     if len(dims) != len(depths):
       raise ValueError(f"VSSM: dims {dims} and depths {depths} differ in length")
     if share_adaptor and form != "adaptor":
       raise ValueError("VSSM: share_adaptor=True only applies to form='adaptor'")
+    common.check_remat(remat, "VSSM")
     adaptor = (adaptor or AdaptorConfig()) if form != "none" else None
-    self.form, self.dims, self.depths = form, tuple(dims), tuple(depths)
+    self.form, self.dims, self.depths, self.remat = form, tuple(dims), tuple(depths), remat
     rates = np.linspace(0.0, drop_path_rate, sum(depths)).tolist()
     self.patch_embed = PatchEmbed(dims[0], dtype=dtype, rngs=rngs)
     self.stages = nnx.List()
@@ -124,7 +127,7 @@ class VSSM(nnx.Module):
     features = []
     for stage in self.stages:
       for block in stage["blocks"]:
-        x = block(x)
+        x = common.run_block(block, self.remat, x)
       features.append(x)
       if stage["downsample"] is not None:
         x = stage["downsample"](x)

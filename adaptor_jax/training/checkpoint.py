@@ -18,6 +18,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from adaptor_jax.models import registry
+from adaptor_jax.training import config as config_lib
 
 ITEMS = ("params", "ema", "opt", "data", "config")
 
@@ -82,13 +83,17 @@ def _find(path):
 
 
 def read_config(path):
-  """The config of the newest checkpoint in a workdir or of a step directory."""
+  """The config of the newest checkpoint in a workdir or of a step directory. Knobs added since
+  the run was saved take their defaults (config.default_config)."""
   kind, path = _find(path)
   if kind == "converted":
     raise ValueError(f"{path} is a converted checkpoint; it has model.json, not a run config")
   step_dir = path if kind == "step" else _latest_step_dir(path)
   with open(os.path.join(step_dir, "config", "metadata")) as f:
-    return ml_collections.ConfigDict(json.load(f))
+    saved = json.load(f)
+  config = config_lib.default_config()
+  config.update(saved)
+  return config
 
 
 def _latest_step_dir(workdir):

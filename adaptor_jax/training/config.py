@@ -12,8 +12,8 @@ refuses unknown keys and wrong types); `validate` checks the values, naming the 
 """
 import ml_collections
 
-from adaptor_jax.data import pipeline, transforms
-from adaptor_jax.models import registry, vmamba
+from adaptor_jax.data import config as data_config, transforms
+from adaptor_jax.models import common, registry, vmamba
 
 DTYPES = ("float32", "bfloat16")
 
@@ -30,9 +30,10 @@ def default_config():
   c.drop_path_rate = -1.0         # stochastic depth at the last block; -1 keeps the preset's
   c.dtype = "bfloat16"            # compute dtype (params, optimizer state and EMA stay float32)
   c.scan_backend = "auto"         # kernels.selective_scan backend
+  c.remat = "none"                # per block: none | full | matmuls (models/common.py REMAT)
   c.init_from = ""                # a checkpoint dir (ours or a converted VMamba) to start from
-  # The data (adaptor_jax.data.pipeline documents each field).
-  c.data = pipeline.default_data_config()
+  # The data (adaptor_jax.data.config documents each field).
+  c.data = data_config.default_data_config()
   c.num_classes = -1              # -1: the dataset's number of classes
   # The schedule, in epochs of the training split.
   c.batch_size = 1024             # global, over all devices and hosts
@@ -95,6 +96,8 @@ def validate(config):
     _fail("form", f"{c.form!r} is not one of {vmamba.FORMS}")
   if c.share_adaptor and c.form != "adaptor":
     _fail("share_adaptor", "only applies with form='adaptor'")
+  if c.remat not in common.REMAT:
+    _fail("remat", f"{c.remat!r} is not one of {sorted(common.REMAT)}")
   if c.dtype not in DTYPES:
     _fail("dtype", f"{c.dtype!r} is not one of {DTYPES}")
   for key in ("batch_size", "grad_accum", "lr_base_batch", "log_every", "eval_batch_size",
@@ -129,7 +132,7 @@ def validate(config):
 
 
 def _validate_data(d):
-  known = set(pipeline.default_data_config().keys())
+  known = set(data_config.default_data_config().keys())
   for key in d.keys():
     if key not in known:
       _fail(f"data.{key}", f"unknown key; known keys are {sorted(known)}")

@@ -1,0 +1,36 @@
+"""`config.data`: the input pipeline's knobs, each named and documented once, with defaults.
+
+A module of its own (plain ml_collections) so that the training config can be built where the
+input pipeline's dependencies (grain, TFDS) are not installed, e.g. benchmarks/gpu_check.py.
+pipeline.py reads these fields.
+"""
+import ml_collections
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def default_data_config():
+  """ImageNet-1k training defaults (DeiT / Swin / VMamba recipe) for `config.data`."""
+  return ml_collections.ConfigDict(dict(
+      name="imagenet2012",          # TFDS name: catalog (imagenet2012), "digits", or built folders
+      data_dir="",                  # TFDS data_dir; "" = TFDS' default (~/tensorflow_datasets)
+      train_split="train",
+      eval_split="validation",
+      image_size=224,
+      crop_pct=0.875,               # eval: resize shorter side to image_size / crop_pct, crop
+      scale=(0.08, 1.0),            # random resized crop: area fraction
+      ratio=(3 / 4, 4 / 3),         # random resized crop: aspect ratio
+      hflip=0.5,                    # horizontal flip probability
+      randaugment="rand-m9-mstd0.5-inc1",  # timm spec; "" = off
+      interpolation="bicubic",
+      reprob=0.25,                  # random erasing probability (device)
+      mixup=0.8,                    # mixup alpha; 0 = off (device)
+      cutmix=1.0,                   # cutmix alpha; 0 = off (device)
+      mixup_switch_prob=0.5,        # probability of cutmix when both are on
+      label_smoothing=0.1,
+      mean=IMAGENET_MEAN,           # 0..1 units
+      std=IMAGENET_STD,
+      num_workers=8,                # grain worker processes per host; 0 = in the main process
+      prefetch=2,                   # batches buffered per worker
+  ))
