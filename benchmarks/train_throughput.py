@@ -39,11 +39,7 @@ from absl import app, flags
 import jax
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import input_pipeline  # noqa: E402  (benchmarks/input_pipeline.py)
-
-from adaptor_jax.data import pipeline  # noqa: E402
-from adaptor_jax.training import config as config_lib, optimizer, sharding, steps  # noqa: E402
+from adaptor_jax.training import config as config_lib, optimizer, sharding, steps
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("models", ["mamba_adaptor_b1", "mamba_adaptor_b2"], "presets to measure")
@@ -185,7 +181,12 @@ def measure_model(model, batch_size, mesh):
 
 
 def measure_input_pipeline():
-  """benchmarks/input_pipeline.py's measure() with 0 workers and one per core."""
+  """benchmarks/input_pipeline.py's measure() with 0 workers and one per core. Imported here
+  only: with --noinput_pipeline the script needs neither grain nor TFDS (benchmarks/gpu_check.py
+  runs it where they are not installed)."""
+  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+  import input_pipeline  # noqa: PLC0415  (benchmarks/input_pipeline.py)
+  from adaptor_jax.data import pipeline  # noqa: PLC0415
   batch_size, cores = 64, os.cpu_count() or 1
   images = max(300, 2 * batch_size * cores)  # the pipeline starts at most one worker per batch
   rows = []
@@ -241,7 +242,8 @@ def main(argv):
       platform=platform, device_kind=kind, device_count=len(devices),
       process_count=jax.process_count(), mesh=dict(mesh.shape), jax=jax.__version__,
       timestamp=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-      host_cpu=input_pipeline.cpu_model(), host_cpu_count=os.cpu_count(),
+      host_cpu=pipeline_result["cpu"] if pipeline_result else None,
+      host_cpu_count=os.cpu_count(),
       load_average_before=[round(x, 2) for x in load_before],
       input="synthetic: one uint8 batch and int32 labels (1000 classes) on device, reused",
       batch_size=batch_size, image_size=FLAGS.image_size, dtype=FLAGS.dtype,
