@@ -9,6 +9,7 @@ On 4 fake CPU devices it writes OUT.json with, for meshes (data 4) and (data 2, 
     interpret mode;
   * where the kernel calls of jit(grad) sit in its jaxpr (inside a shard_map or not);
   * the error for a batch the mesh does not divide;
+  * a user's own jitted model under `jax.set_mesh`: logits against no mesh, kernel placement;
   * the Triton and Mosaic custom calls of the real sharded train step (steps.make_train_step of
     a tiny preset, scan_backend="auto") exported for CUDA and for TPU: how many lie inside a
     manual (shard_map) region, how many outside, and their batch sizes.
@@ -121,6 +122,33 @@ def scan_under_meshes(result):
       result["odd_batch_error"] = str(e)
 
 
+def users_jit(result):
+  """A user's own jitted forward of a small model under `with jax.set_mesh(mesh)` (a Mesh of
+  Auto axes, as jax.sharding.Mesh makes), images split over the mesh: the logits equal those
+  without a mesh, and exported for TPU every Mosaic call is in a manual region."""
+  import jax  # noqa: PLC0415
+  import numpy as np  # noqa: PLC0415
+  from flax import nnx  # noqa: PLC0415
+  from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: PLC0415
+
+  import adaptor_jax  # noqa: PLC0415
+  from scan_cases import rel_err  # noqa: PLC0415
+
+  model = adaptor_jax.create_model("mamba_adaptor_b1", num_classes=10, dims=(8, 16),
+                                   depths=(1, 1), rngs=nnx.Rngs(0))
+  model.eval()
+  graphdef, state = nnx.split(model)
+  images = np.random.default_rng(0).standard_normal((8, 16, 16, 3)).astype(np.float32)
+  forward = jax.jit(lambda state, x: nnx.merge(graphdef, state)(x))
+  want = forward(state, images)
+  mesh = jax.sharding.Mesh(jax.devices(), ("data",))
+  with jax.set_mesh(mesh):
+    x = jax.device_put(images, NamedSharding(mesh, P("data")))
+    got = forward(state, x)
+    text = jax.export.export(forward, platforms=["tpu"])(state, x).mlir_module()
+  result["users_jit"] = dict(rel_err=rel_err(got, want), **kernel_calls(text, [MOSAIC])[MOSAIC])
+
+
 def exported_train_step(result):
   import jax  # noqa: PLC0415
   import ml_collections  # noqa: PLC0415
@@ -153,6 +181,7 @@ def main(out_path):
   assert jax.device_count() == 4, jax.devices()
   result = {"errors": {}, "jaxpr": {}, "export": {}}
   scan_under_meshes(result)
+  users_jit(result)
   exported_train_step(result)
   with open(out_path, "w") as f:
     json.dump(result, f, indent=1)

@@ -53,6 +53,13 @@ def test_sharded_train_step_compiles_for_a_4_chip_v5e(mesh):
   assert 0 < mem["hbm"] < 2**30 and mem["arguments"] > 0
 
 
+def test_sharded_eval_step_compiles_for_a_4_chip_v5e():
+  compiled = aot.compile_eval_step(tpu_tiny_config((2, 2)), aot.topology_devices("v5e", (2, 2)),
+                                   PER_CHIP)
+  assert set(kernel_batches(compiled, "selective_scan_fwd")) == {PER_CHIP}
+  assert not aot.custom_calls(compiled, "selective_scan_bwd")
+
+
 def collectives(compiled):
   """Counts of the gathering collectives in the optimized program (async forms included)."""
   text = compiled.as_text()

@@ -57,6 +57,13 @@ def test_exported_sharded_train_step_leaves_no_kernel_to_the_partitioner(four_de
     assert got["outside"] == 0 and got["manual"] == 4, (mesh, got)  # 2 scans, fwd + bwd
 
 
+def test_a_users_jit_under_set_mesh_runs_per_shard(four_devices):
+  """README's recipe: `with jax.set_mesh(mesh)` around one's own jitted model (auto backend)."""
+  got = four_devices["users_jit"]
+  assert got["rel_err"] <= 1e-5, got
+  assert got["outside"] == 0 and got["manual"] == 4, got  # 2 blocks x 2 scans, forward only
+
+
 def test_a_batch_the_mesh_does_not_divide_is_named(four_devices):
   msg = four_devices["odd_batch_error"]
   assert msg and "batch 6" in msg and "('data', 'fsdp')" in msg and "4 devices" in msg

@@ -97,6 +97,24 @@ def compile_train_step(config, devices, per_chip_batch, steps_per_epoch=1000):
   compiled for `devices` (a list, e.g. topology_devices(...)) with config.mesh over them and
   `per_chip_batch` images per device. config.num_classes must be set (no dataset is read).
   Returns (compiled, the train state as ShapeDtypeStructs with their shardings)."""
+  config, mesh, net, tx, state, shardings = _setup(config, devices, per_chip_batch,
+                                                   steps_per_epoch)
+  train_step = steps.make_train_step(net, tx, config, config.num_classes, shardings, mesh)
+  compiled = train_step.lower(state, abstract_batch(config, config.batch_size, mesh)).compile()
+  return compiled, state
+
+
+def compile_eval_step(config, devices, per_chip_batch):
+  """The eval step (steps.make_eval_step) compiled like compile_train_step. Returns compiled."""
+  config, mesh, net, _, state, shardings = _setup(config, devices, per_chip_batch, 1)
+  eval_step = steps.make_eval_step(net, config, shardings["params"], mesh)
+  batch = abstract_batch(config, config.batch_size, mesh)
+  batch["mask"] = jax.ShapeDtypeStruct(batch["label"].shape, jnp.bool_,
+                                       sharding=batch["label"].sharding)
+  return eval_step.lower(state["params"], batch).compile()
+
+
+def _setup(config, devices, per_chip_batch, steps_per_epoch):
   config = ml_collections.ConfigDict(config.to_dict())
   config.batch_size = per_chip_batch * len(devices)
   config_lib.validate(config)
@@ -107,9 +125,7 @@ def compile_train_step(config, devices, per_chip_batch, steps_per_epoch=1000):
   made = steps.make_net(config, config.num_classes)
   tx = optimizer.make(config, steps_per_epoch, trainable=made[2])
   net, state, shardings = steps.abstract_state(config, config.num_classes, mesh, tx, made)
-  train_step = steps.make_train_step(net, tx, config, config.num_classes, shardings, mesh)
-  compiled = train_step.lower(state, abstract_batch(config, config.batch_size, mesh)).compile()
-  return compiled, state
+  return config, mesh, net, tx, state, shardings
 
 
 def state_bytes(state):
