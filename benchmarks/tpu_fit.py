@@ -25,8 +25,6 @@ Results go into benchmarks/results/tpu-fit.json, one entry per row key; rows alr
 kept and not compiled again (unless --redo), so a long run can be stopped and continued. A
 full-size train step takes 5-20 minutes to compile on a 2-core host.
 """
-import datetime
-import json
 import os
 import re
 import time
@@ -35,6 +33,7 @@ import jax
 import ml_collections
 from absl import app, flags
 
+import results_file
 from adaptor_jax.training import aot, config as config_lib
 
 FLAGS = flags.FLAGS
@@ -49,8 +48,8 @@ flags.DEFINE_string("pod", "", "CHIP:N for the pod rows, e.g. v5e:256; '' for no
 flags.DEFINE_string("pod_remat", "none", "config.remat of the pod rows")
 flags.DEFINE_integer("image_size", 224, "square input side")
 flags.DEFINE_enum("dtype", "bfloat16", config_lib.DTYPES, "compute dtype (config.dtype)")
-flags.DEFINE_string("out", os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                        "tpu-fit.json"), "results file (rows are merged in)")
+flags.DEFINE_string("out", os.path.join(results_file.RESULTS, "tpu-fit.json"),
+                    "results file (rows are merged in)")
 flags.DEFINE_bool("redo", False, "compile rows that the results file already has")
 
 RECIPE_BATCH = 1024  # configs/b1.py, b2.py, vmamba_*.py (config.default_config)
@@ -135,24 +134,17 @@ def print_row(row):
 
 def main(argv):
   del argv
-  results = {}
-  if os.path.exists(FLAGS.out):
-    with open(FLAGS.out) as f:
-      results = json.load(f)
-  rows = results.setdefault("rows", {})
+  results = results_file.load(FLAGS.out)
+  rows = results["rows"]
   for key, args in plan():
     if key in rows and not FLAGS.redo:
       print_row(rows[key])
       continue
     rows[key] = compile_row(*args)
     print_row(rows[key])
-    results.update(
-        jax=jax.__version__, libtpu=_libtpu_version(), host_cpu_count=os.cpu_count(),
-        chips={name: vars(c) for name, c in aot.CHIPS.items()},
-        updated=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
-    os.makedirs(os.path.dirname(FLAGS.out), exist_ok=True)
-    with open(FLAGS.out, "w") as f:  # after every row: a stopped run keeps what it compiled
-      json.dump(results, f, indent=1, sort_keys=True)
+    results_file.save(FLAGS.out, results, jax=jax.__version__, libtpu=_libtpu_version(),
+                      host_cpu_count=os.cpu_count(),
+                      chips={name: vars(c) for name, c in aot.CHIPS.items()})
   print("results in", FLAGS.out)
 
 

@@ -39,6 +39,7 @@ from absl import app, flags
 import jax
 import numpy as np
 
+import results_file
 from adaptor_jax.training import config as config_lib, optimizer, sharding, steps
 
 FLAGS = flags.FLAGS
@@ -143,13 +144,8 @@ def measure_model(model, batch_size, mesh):
   eval_compiled = eval_step.lower(state["params"], eval_batch).compile()
   eval_compile_s = time.perf_counter() - start
 
-  for _ in range(FLAGS.warmup):
-    state, metrics = jax.block_until_ready(train_compiled(state, train_batch))
-  times = []
-  for _ in range(FLAGS.iters):
-    start = time.perf_counter()
-    state, metrics = jax.block_until_ready(train_compiled(state, train_batch))  # donated: reassign
-    times.append(time.perf_counter() - start)
+  state, metrics, times = results_file.timed_steps(train_compiled, state, train_batch,
+                                                   FLAGS.warmup, FLAGS.iters)
   loss = float(jax.device_get(metrics["loss"]))
   if not np.isfinite(loss):
     raise FloatingPointError(f"{model}: training loss is {loss} after {FLAGS.warmup + FLAGS.iters}"

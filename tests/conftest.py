@@ -1,6 +1,7 @@
 """Test-wide settings."""
 import jax
 import pytest
+from jax._src.pallas.mosaic.interpret import interpret_pallas_call as tpu_interpret
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -19,3 +20,20 @@ def full_optimizations():
     yield
   finally:
     jax.config.update("jax_disable_most_optimizations", True)
+
+
+@pytest.fixture
+def race_states(monkeypatch):
+  """Collects the race detector of every TPU-interpreted kernel (one per pallas_call run) and
+  fails the test if any of them saw a data race. Yields the list for tests that inspect it."""
+  made = []
+  original = tpu_interpret.RaceDetectionState
+
+  def record(*args, **kwargs):
+    state = original(*args, **kwargs)
+    made.append(state)
+    return state
+
+  monkeypatch.setattr(tpu_interpret, "RaceDetectionState", record)
+  yield made
+  assert not any(s.races_found for s in made), "the race detector reported a data race"

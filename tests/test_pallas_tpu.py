@@ -11,7 +11,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax._src.pallas.mosaic.interpret import interpret_pallas_call as tpu_interpret
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
@@ -24,21 +23,7 @@ from scan_cases import (MODEL_SHAPES, check_against_reference, check_unit_readou
 INTERPRET = pltpu.InterpretParams(detect_races=True, out_of_bounds_reads="uninitialized")
 
 
-@pytest.fixture(autouse=True)
-def race_states(monkeypatch):
-  """Collects the race detector of every interpreted kernel (one per pallas_call run) and fails
-  the test if any of them saw a data race. Yields the list for tests that inspect it."""
-  made = []
-  original = tpu_interpret.RaceDetectionState
-
-  def record(*args, **kwargs):
-    state = original(*args, **kwargs)
-    made.append(state)
-    return state
-
-  monkeypatch.setattr(tpu_interpret, "RaceDetectionState", record)
-  yield made
-  assert not any(s.races_found for s in made), "the race detector reported a data race"
+pytestmark = pytest.mark.usefixtures("race_states")  # every interpreted kernel is race-free
 
 
 def pallas_backend(**blocks):

@@ -54,14 +54,18 @@ def test_exported_sharded_train_step_leaves_no_kernel_to_the_partitioner(four_de
   for mesh in ("4x1", "2x2"):
     got = four_devices["export"][f"{platform}/{mesh}"]
     assert got["nr_devices"] == 4
-    assert got["outside"] == 0 and got["manual"] == 4, (mesh, got)  # 2 scans, fwd + bwd
+    # 2 scans, fwd + bwd; on TPU also the memory read's Mosaic kernels (on CUDA it is XLA):
+    # forward, its recompute for the backward (remat of the adaptor tail) and backward
+    want = {"cuda": 4, "tpu": 7}[platform]
+    assert got["outside"] == 0 and got["manual"] == want, (mesh, got)
 
 
 def test_a_users_jit_under_set_mesh_runs_per_shard(four_devices):
   """README's recipe: `with jax.set_mesh(mesh)` around one's own jitted model (auto backend)."""
   got = four_devices["users_jit"]
   assert got["rel_err"] <= 1e-5, got
-  assert got["outside"] == 0 and got["manual"] == 4, got  # 2 blocks x 2 scans, forward only
+  # forward only, 2 blocks: 2 x 2 scans and 2 memory reads (Mosaic, counted on TPU)
+  assert got["outside"] == 0 and got["manual"] == 6, got
 
 
 def test_a_batch_the_mesh_does_not_divide_is_named(four_devices):

@@ -8,6 +8,8 @@ and channel group s it reads K earlier states of that route's scan ("earlier" me
 reverse routes) at fractional locations, by linear interpolation, and adds their weighted sum:
   h'_i = h_i + gamma_r * sum_k c_k h_{p_k},   p_k = clip(i -/+ w_s sigmoid(o_k), 0, L-1),
   w_s = L / 2^(S-1-s),   o = phi_p(h_i),   c = softmax(phi_c(h_i)).
+The read is the op kernels.memory_read (its heads are the (route, group) pairs): it never
+writes the 2K interpolation taps to memory, also not for the backward.
 """
 import dataclasses
 
@@ -77,17 +79,11 @@ class AdaptorT(nnx.Module):
     i_L = jnp.arange(L, dtype=jnp.float32)
     p_BLRSK = jnp.clip(i_L[:, None, None, None]
                        + back_R[:, None, None] * window_S[:, None] * move_BLRSK, 0.0, L - 1)
-    p0 = jnp.floor(p_BLRSK)
-    frac = p_BLRSK - p0
-    p0 = p0.astype(jnp.int32)
-    idx_BLRSJ = jnp.concatenate([p0, jnp.minimum(p0 + 1, L - 1)], axis=-1)  # J = 2K taps
-    w_BLRSJ = jnp.concatenate([c_BLRSK * (1.0 - frac), c_BLRSK * frac], axis=-1)
-    h_BLRSd = h_BLRD.reshape(B, L, R, S, D // S)
-    idx = idx_BLRSJ.transpose(0, 1, 4, 2, 3).reshape(B, L * 2 * K, R, S, 1)
-    taps_BLJRSd = jnp.take_along_axis(h_BLRSd, idx, axis=1).reshape(B, L, 2 * K, R, S, D // S)
-    read_BLRSd = jnp.einsum("bljrsd,blrsj->blrsd", taps_BLJRSd, w_BLRSJ.astype(h_BLRD.dtype))
+    # heads = (route, group): each reads its own locations of its D/S channels
+    read = common.memory_read(h_BLRD.reshape(B, L, R * S, D // S), p_BLRSK.reshape(B, L, R * S, K),
+                              c_BLRSK.reshape(B, L, R * S, K))
     gamma = self.gamma[...].astype(h_BLRD.dtype)
-    return h_BLRD + gamma * read_BLRSd.reshape(B, L, R, D)
+    return h_BLRD + gamma * read.reshape(B, L, R, D)
 
 
 class AdaptorS(nnx.Module):

@@ -5,8 +5,9 @@ training code can map them onto its mesh:
   embed   model width C                     mlp      MLP hidden width
   inner   SS2D / Mamba inner width Di       classes  classifier outputs
   route   the four SS2D scan routes         None     never sharded (small axes)
-Three ops are jitted under fixed names (`layer_norm`, `global_avg_pool`, `selective_scan`) so the
-FLOP counter (counting.py) can find them in a traced model and count them like fvcore does.
+Four ops are jitted under fixed names (`layer_norm`, `global_avg_pool`, `selective_scan`,
+`memory_read`) so the FLOP counter (counting.py) can find them in a traced model and count them
+like fvcore does.
 """
 import math
 
@@ -68,6 +69,7 @@ def global_avg_pool(x_BHWC):
 selective_scan = jax.jit(
     kernels.selective_scan,
     static_argnames=("delta_softplus", "return_last_state", "reverse", "backend"))
+memory_read = jax.jit(kernels.memory_read, static_argnames=("backend",))
 
 
 # Rematerialisation of a block's activations in the backward pass (config.remat): "none" keeps

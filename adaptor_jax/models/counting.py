@@ -6,8 +6,10 @@ The model is traced to a jaxpr (no compute) and its equations are counted:
   layer_norm             5 per element (fvcore's count for an affine LayerNorm)
   global_avg_pool        1 per input element
   selective_scan         9 B L D N + B L D (VMamba's count: its D term included)
+  memory_read            2K per element of the read (its weighted sum of 2K interpolation taps,
+                         the multiply-adds of the einsum it replaces)
 Everything else (activations, additions, element-wise products, gathers) counts 0, as in fvcore.
-The last three are found by the names under which adaptor_jax.models.common jits them.
+The last four are found by the names under which adaptor_jax.models.common jits them.
 """
 import math
 
@@ -48,6 +50,8 @@ NAMED = {
     "layer_norm": lambda eqn: 5 * math.prod(eqn.invars[0].aval.shape),
     "global_avg_pool": lambda eqn: math.prod(eqn.invars[0].aval.shape),
     "selective_scan": _scan,
+    "memory_read": lambda eqn: 2 * eqn.invars[1].aval.shape[-1] * math.prod(
+        eqn.invars[0].aval.shape),
 }
 
 

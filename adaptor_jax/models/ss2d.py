@@ -72,14 +72,27 @@ class SS2D(nnx.Module):
         ones_BLJN if adapt else C_BLIJN[:, :, i], None if adapt else D_IE[i], None, bias_IE[i],
         delta_softplus=True, reverse=bool(i), backend=self.scan_backend) for i in (0, 1)]
     y_BLRD = jnp.stack(outs, axis=2).reshape(Bsz, L, ROUTES, Di)
-    if adapt:  # the scan returned h; form y = C * h' + D * u per route
-      h_BLRD = self.adaptor_t(y_BLRD)
-      Du_BLIJD = self.D[...].astype(h_BLRD.dtype).reshape(2, 2, Di) * xs_BLJD[:, :, None]
-      y_BLRD = (C_BLIJN.reshape(Bsz, L, ROUTES, N) * h_BLRD
-                + Du_BLIJD.reshape(Bsz, L, ROUTES, Di))
-    y_rows = (y_BLRD[:, :, 0] + y_BLRD[:, :, 2]).reshape(Bsz, H, W, Di)
-    y_cols = (y_BLRD[:, :, 1] + y_BLRD[:, :, 3]).reshape(Bsz, W, H, Di).transpose(0, 2, 1, 3)
-    y_BHWD = y_rows + y_cols
-    if self.adaptor_s is not None:
-      y_BHWD = self.adaptor_s(y_BHWD)
+    if adapt:  # the scan returned h: the adaptors, then y = C * h' + D * u, merged; their
+      # intermediates are route-sized, so the backward recomputes them from h (kept anyway)
+      adapted = lambda h, C, xs: self._adapted(h, C, xs, H, W)  # reads params, mutates nothing
+      y_BHWD = jax.checkpoint(adapted, policy=jax.checkpoint_policies.nothing_saveable)(
+          y_BLRD, C_BLIJN, xs_BLJD)
+    else:
+      y_BHWD = merge_routes(y_BLRD, H, W)
     return self.out_proj(self.out_norm(y_BHWD))
+
+  def _adapted(self, h_BLRD, C_BLIJN, xs_BLJD, H, W):
+    Bsz, L, _, Di = h_BLRD.shape
+    h_BLRD = self.adaptor_t(h_BLRD)
+    Du_BLIJD = self.D[...].astype(h_BLRD.dtype).reshape(2, 2, Di) * xs_BLJD[:, :, None]
+    y_BLRD = C_BLIJN.reshape(Bsz, L, ROUTES, -1) * h_BLRD + Du_BLIJD.reshape(Bsz, L, ROUTES, Di)
+    y_BHWD = merge_routes(y_BLRD, H, W)
+    return y_BHWD if self.adaptor_s is None else self.adaptor_s(y_BHWD)
+
+
+def merge_routes(y_BLRD, H, W):
+  """The four routes summed back in (H, W) order: (B, H, W, D)."""
+  Bsz, _, _, Di = y_BLRD.shape
+  y_rows = (y_BLRD[:, :, 0] + y_BLRD[:, :, 2]).reshape(Bsz, H, W, Di)
+  y_cols = (y_BLRD[:, :, 1] + y_BLRD[:, :, 3]).reshape(Bsz, W, H, Di).transpose(0, 2, 1, 3)
+  return y_rows + y_cols

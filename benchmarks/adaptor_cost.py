@@ -1,0 +1,134 @@
+"""What the adaptor costs: each adapted model's train step against its base model's, in one run.
+
+  python benchmarks/adaptor_cost.py [--pairs=vmamba_tiny:adaptor_vmamba_tiny,...]
+      [--platforms=cpu,tpu] [--cpu_batch=2] [--cpu_dtype=float32] [--iters=3]
+      [--tpu_chip=v5e] [--tpu_batch=32] [--tpu_dtype=bfloat16] [--out=PATH]
+
+A pair is BASE:ADAPTED; a name with "+none" is that preset with config.form = "none" (b2's
+dims and depths without its adaptors: "mamba_adaptor_b2+none"). The step is the real one
+(steps.make_train_step through the training code: the configs/ recipe's AdamW, clipping, EMA,
+on-device augmentation), 224x224, 1000 classes, synthetic uint8 images.
+  cpu  on this host's first CPU device: the compiled memory analysis (temporaries per image) and
+       the median step time of --iters steps after one warm-up;
+  tpu  deviceless (libtpu's compiler on this host, adaptor_jax.training.aot) for one --tpu_chip:
+       temporaries, HBM, FLOPs and bytes accessed per image.
+Every row also gives the adapted / base ratios. Writes benchmarks/results/adaptor-cost.json
+(rows merged by key, so a stopped run continues where it stopped) and prints a table.
+"""
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from absl import app, flags
+
+import results_file
+from adaptor_jax.training import aot, config as config_lib, optimizer, sharding, steps
+
+FLAGS = flags.FLAGS
+flags.DEFINE_list("pairs", ["vmamba_tiny:adaptor_vmamba_tiny",
+                            "mamba_adaptor_b2+none:mamba_adaptor_b2"], "BASE:ADAPTED presets")
+flags.DEFINE_list("platforms", ["cpu", "tpu"], "cpu (compiled and timed here), tpu (deviceless)")
+flags.DEFINE_integer("cpu_batch", 2, "batch of the CPU step")
+flags.DEFINE_enum("cpu_dtype", "float32", config_lib.DTYPES, "compute dtype of the CPU step")
+flags.DEFINE_integer("iters", 3, "timed CPU steps (the median is reported)")
+flags.DEFINE_enum("tpu_chip", "v5e", sorted(aot.CHIPS), "TPU chip of the deviceless compile")
+flags.DEFINE_integer("tpu_batch", 32, "per-chip batch of the TPU compile")
+flags.DEFINE_enum("tpu_dtype", "bfloat16", config_lib.DTYPES, "compute dtype of the TPU step")
+flags.DEFINE_string("out", os.path.join(results_file.RESULTS, "adaptor-cost.json"),
+                    "results file (rows merged in)")
+flags.DEFINE_bool("redo", False, "measure rows the results file already has")
+
+NUM_CLASSES = 1000
+
+
+def make_config(name, dtype):
+  model, _, form = name.partition("+")
+  c = config_lib.default_config()
+  c.model, c.dtype, c.num_classes = model, dtype, NUM_CLASSES
+  if form:
+    c.form = form
+  c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=1))
+  return c
+
+
+def measure_cpu(name):
+  config = make_config(name, FLAGS.cpu_dtype)
+  config.batch_size = FLAGS.cpu_batch
+  config_lib.validate(config)
+  mesh = sharding.make_mesh(config.mesh, jax.devices("cpu")[:1])
+  made = steps.make_net(config, NUM_CLASSES)
+  tx = optimizer.make(config, 1000, trainable=made[2])
+  net, state, shardings = steps.create(config, NUM_CLASSES, mesh, tx, made)
+  step = steps.make_train_step(net, tx, config, NUM_CLASSES, shardings, mesh)
+  size, sh = config.data.image_size, sharding.batch_sharding(mesh)
+  key = jax.random.PRNGKey(0)
+  batch = dict(
+      image=jax.device_put(jax.random.randint(key, (config.batch_size, size, size, 3), 0, 256,
+                                              jnp.int32).astype(jnp.uint8), sh),
+      label=jax.device_put(jnp.arange(config.batch_size, dtype=jnp.int32) % NUM_CLASSES, sh))
+  start = time.perf_counter()
+  compiled = step.lower(state, batch).compile()
+  compile_s = time.perf_counter() - start
+  _, metrics, times = results_file.timed_steps(compiled, state, batch, 1, FLAGS.iters)
+  mem = aot.memory(compiled)
+  return dict(batch=config.batch_size, dtype=config.dtype, compile_s=round(compile_s, 1),
+              temporaries_mb_per_image=mem["temporaries"] / config.batch_size / 1e6,
+              step_s=results_file.median(times), loss=float(metrics["loss"]))
+
+
+def measure_tpu(name):
+  config = make_config(name, FLAGS.tpu_dtype)
+  devices = aot.topology_devices(FLAGS.tpu_chip, aot.CHIPS[FLAGS.tpu_chip].slice_shape(1))
+  start = time.perf_counter()
+  compiled, _ = aot.compile_train_step(config, devices, FLAGS.tpu_batch)
+  mem, cost = aot.memory(compiled), aot.cost(compiled)
+  b = FLAGS.tpu_batch
+  return dict(chip=FLAGS.tpu_chip, batch=b, dtype=config.dtype,
+              compile_s=round(time.perf_counter() - start, 1),
+              temporaries_mb_per_image=mem["temporaries"] / b / 1e6, hbm_gib=mem["hbm"] / 2**30,
+              gflops_per_image=cost["flops"] / b / 1e9, gbytes_per_image=cost["bytes"] / b / 1e9)
+
+
+MEASURE = {"cpu": measure_cpu, "tpu": measure_tpu}
+RATIOS = {"cpu": ("temporaries_mb_per_image", "step_s"),
+          "tpu": ("temporaries_mb_per_image", "gflops_per_image", "gbytes_per_image")}
+
+
+def row_key(platform, name):
+  if platform == "cpu":
+    return f"cpu/{name}/b{FLAGS.cpu_batch}/{FLAGS.cpu_dtype}"
+  return f"tpu/{FLAGS.tpu_chip}/{name}/b{FLAGS.tpu_batch}/{FLAGS.tpu_dtype}"
+
+
+def print_row(platform, name, row, ratios):
+  keys = RATIOS[platform]
+  values = " ".join(f"{k} {row[k]:9.3f}" for k in keys)
+  vs = " ".join(f"{ratios[k]:5.2f}x" for k in keys) if ratios else ""
+  print(f"{platform} {name:24s} {values}  {vs}", flush=True)
+
+
+def main(argv):
+  del argv
+  results = results_file.load(FLAGS.out)
+  rows = results["rows"]
+  for platform in FLAGS.platforms:
+    for pair in FLAGS.pairs:
+      base, adapted = pair.split(":")
+      for name in (base, adapted):
+        key = row_key(platform, name)
+        if key not in rows or FLAGS.redo:
+          rows[key] = dict(MEASURE[platform](name), model=name, platform=platform)
+          if name == adapted:
+            rows[key]["vs"] = base
+            rows[key]["ratios"] = {k: rows[key][k] / rows[row_key(platform, base)][k]
+                                   for k in RATIOS[platform]}
+          results_file.save(FLAGS.out, results, jax=jax.__version__,
+                            host_cpu_count=os.cpu_count())
+        print_row(platform, name, rows[key], rows[key].get("ratios"))
+  print("results in", FLAGS.out)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,236 @@
+"""kernels.memory_read (Adaptor-T's interpolated read) against its oracles, every backend.
+
+Oracles: `reference` (every tap gathered, autodiff) and the gather + einsum formulation Adaptor-T
+used before the op existed, in Adaptor-T's own layout (routes x groups). Forward and every
+gradient on fresh random inputs, at fractional locations, integer ones, the clip edges 0 and
+L - 1 and the reverse routes' forward-looking locations. The Pallas TPU kernels run in interpret
+mode with the race detector on and NaN-filled out-of-bounds reads (a ragged last chunk must be
+masked), and compile for TPU chips through the deviceless AOT compiler at the model shapes.
+"""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.experimental.pallas import tpu as pltpu
+
+import kernels
+from adaptor_jax.training import aot
+from kernels import read, read_pallas_tpu
+from scan_cases import rel_err
+
+INTERPRET = pltpu.InterpretParams(detect_races=True, out_of_bounds_reads="uninitialized")
+FWD_TOL, GRAD_TOL, BF16_TOL = 1e-5, 1e-4, 1e-2
+
+
+def make_inputs(seed, batch=2, length=37, groups=3, channels=8, points=4, reverse=False,
+                dtype=jnp.float32):
+  """h, pos, weight as Adaptor-T makes them: pos = clip(i -/+ window * sigmoid(o)) (backward-
+  looking, or forward-looking for a reverse route), so many sit exactly on the clip edges;
+  a few are forced to integers, 0 and L - 1 exactly."""
+  k_h, k_o, k_w, k_win = jax.random.split(jax.random.PRNGKey(seed), 4)
+  h = jax.random.normal(k_h, (batch, length, groups, channels)).astype(dtype)
+  window = length * jax.random.uniform(k_win, (groups, 1), minval=0.1, maxval=1.0)
+  move = jax.nn.sigmoid(2.0 * jax.random.normal(k_o, (batch, length, groups, points)))
+  i = jnp.arange(length, dtype=jnp.float32)[:, None, None]
+  pos = jnp.clip(i + (1.0 if reverse else -1.0) * window * move, 0.0, length - 1)
+  pos = pos.at[:, ::5, :, 0].set(jnp.floor(pos[:, ::5, :, 0]))
+  pos = pos.at[:, :2, :, -1].set(0.0).at[:, -2:, :, -1].set(length - 1.0)
+  weight = jax.nn.softmax(jax.random.normal(k_w, (batch, length, groups, points)), axis=-1)
+  return h, pos, weight
+
+
+def value_and_grads(fn, args, seed=9):
+  """fn(*args) and its vjp of a random cotangent, for every argument."""
+  out, vjp = jax.vjp(fn, *args)
+  ct = jax.random.normal(jax.random.PRNGKey(seed), out.shape).astype(out.dtype)
+  return out, vjp(ct)
+
+
+def assert_close(fn, oracle, args, fwd_tol=FWD_TOL, grad_tol=GRAD_TOL, label=""):
+  got = jax.jit(functools.partial(value_and_grads, fn))(args)
+  want = jax.jit(functools.partial(value_and_grads, oracle))(args)
+  errors = [rel_err(got[0], want[0])] + [rel_err(g, w) for g, w in zip(got[1], want[1])]
+  print(f"\n{label}: read, dh, dpos, dweight rel errors {['%.1e' % e for e in errors]}")
+  for name, err, tol in zip(("read", "dh", "dpos", "dweight"), errors,
+                            (fwd_tol, grad_tol, grad_tol, grad_tol)):
+    assert err <= tol, f"{label}: {name} rel error {err:.2e} > {tol}"
+
+
+def pallas_interpret(block_l):
+  return functools.partial(read.pallas_tpu, interpret=INTERPRET, block_l=block_l)
+
+
+BACKENDS = {"xla": read.xla, "pallas_tpu": pallas_interpret(16)}
+CASES = {  # name: make_inputs kwargs
+    "L37_ragged": dict(batch=1, groups=2, points=2),
+    "L37_reverse": dict(batch=2, groups=1, points=3, reverse=True),
+    "L64_K2_C16": dict(batch=1, length=64, groups=2, channels=16, points=2),
+    "L40_C128_K1": dict(batch=1, length=40, groups=2, channels=128, points=1, reverse=True),
+    "L1": dict(batch=1, length=1, groups=2, channels=8),
+    "C48_heads_straddle_lanes": dict(batch=1, length=24, groups=3, channels=48, points=2),
+}
+
+
+@pytest.mark.usefixtures("race_states")
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", CASES)
+def test_fp32_matches_reference(backend, case):
+  args = make_inputs(sum(map(ord, case)), **CASES[case])
+  assert_close(BACKENDS[backend], read.reference, args, label=f"{backend} {case}")
+
+
+@pytest.mark.usefixtures("race_states")
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bf16_matches_fp32_reference(backend):
+  """bf16 h (the models' compute dtype) against the reference on the same values in fp32."""
+  h, pos, weight = make_inputs(5, batch=1, length=40, groups=2, channels=16, points=2,
+                               dtype=jnp.bfloat16)
+  fp32 = lambda h, p, w: read.reference(h.astype(jnp.float32), p, w)
+  assert_close(lambda h, p, w: BACKENDS[backend](h, p, w).astype(jnp.float32), fp32,
+               (h, pos, weight), BF16_TOL, BF16_TOL, label=f"{backend} bf16")
+
+
+def einsum_read(h_BLRD, p_BLRSK, c_BLRSK):
+  """Adaptor-T's read as it was written before the op: gather the 2K taps of every (route,
+  group) into one tensor, then contract them with their weights."""
+  B, L, R, D = h_BLRD.shape
+  S, K = p_BLRSK.shape[-2:]
+  p0 = jnp.floor(p_BLRSK)
+  frac = p_BLRSK - p0
+  p0 = p0.astype(jnp.int32)
+  idx_BLRSJ = jnp.concatenate([p0, jnp.minimum(p0 + 1, L - 1)], axis=-1)
+  w_BLRSJ = jnp.concatenate([c_BLRSK * (1.0 - frac), c_BLRSK * frac], axis=-1)
+  h_BLRSd = h_BLRD.reshape(B, L, R, S, D // S)
+  idx = idx_BLRSJ.transpose(0, 1, 4, 2, 3).reshape(B, L * 2 * K, R, S, 1)
+  taps = jnp.take_along_axis(h_BLRSd, idx, axis=1).reshape(B, L, 2 * K, R, S, D // S)
+  return jnp.einsum("bljrsd,blrsj->blrsd", taps, w_BLRSJ).reshape(B, L, R, D)
+
+
+@pytest.mark.usefixtures("race_states")
+@pytest.mark.parametrize("backend", ["auto", "pallas_tpu"])
+def test_matches_the_einsum_formulation_in_adaptor_layout(backend):
+  """Four routes (the last two reverse) x S = 2 groups, each of D / S channels, read the way
+  Adaptor-T calls the op: heads = (route, group)."""
+  B, L, R, S, K, D = 1, 20, 4, 2, 2, 8
+  parts = [make_inputs(r, batch=B, length=L, groups=S, channels=D // S, points=K, reverse=r >= 2)
+           for r in range(R)]
+  h_BLRD = jnp.stack([p[0].reshape(B, L, D) for p in parts], axis=2)
+  p_BLRSK, c_BLRSK = (jnp.stack([p[i] for p in parts], axis=2) for i in (1, 2))
+  fn = kernels.memory_read if backend == "auto" else pallas_interpret(8)
+
+  def op(h, p, c):
+    return fn(h.reshape(B, L, R * S, D // S), p.reshape(B, L, R * S, K),
+              c.reshape(B, L, R * S, K)).reshape(B, L, R, D)
+
+  assert_close(op, einsum_read, (h_BLRD, p_BLRSK, c_BLRSK), label=f"{backend} vs einsum")
+
+
+def test_gradients_match_finite_differences():
+  """The hand-written backward against central differences in float64-free form: small steps
+  of pos away from integers, where the read is smooth."""
+  h, pos, weight = make_inputs(3, batch=1, length=12, groups=1, channels=4, points=2)
+  pos = jnp.floor(pos) + 0.5  # mid-way between rows: d read / d pos is constant around here
+  ct = jax.random.normal(jax.random.PRNGKey(1), h.shape)
+  loss = lambda h, p, w: jnp.sum(read.xla(h, p, w) * ct)
+  g_h, g_p, g_w = jax.grad(loss, argnums=(0, 1, 2))(h, pos, weight)
+  eps = 1e-2
+  for arg, grad, index in ((1, g_p, (0, 7, 0, 1)), (2, g_w, (0, 4, 0, 0)), (0, g_h, (0, 3, 0, 2))):
+    args = [h, pos, weight]
+    up = [a.at[index].add(eps) if i == arg else a for i, a in enumerate(args)]
+    down = [a.at[index].add(-eps) if i == arg else a for i, a in enumerate(args)]
+    numeric = (loss(*up) - loss(*down)) / (2 * eps)
+    np.testing.assert_allclose(grad[index], numeric, rtol=1e-3, atol=1e-4)
+
+
+def test_xla_keeps_no_tap_tensor_for_the_backward():
+  """The residuals of the xla path are its inputs: nothing of size 2K x h is saved."""
+  h, pos, weight = make_inputs(0, batch=2, length=64, groups=4, channels=16, points=4)
+  _, vjp = jax.vjp(read.xla, h, pos, weight)
+  biggest = max(x.size for x in jax.tree.leaves(vjp))
+  assert biggest <= h.size, f"a residual of {biggest} elements (h has {h.size})"
+
+
+def test_auto_backend_and_environment_override(monkeypatch):
+  h, pos, weight = make_inputs(1)
+  text = jax.jit(kernels.memory_read).lower(h, pos, weight).as_text()
+  assert "tpu_custom_call" not in text  # the CPU gets the xla path
+  want = read.reference(h, pos, weight)
+  monkeypatch.setenv(read.ENV_VAR, "reference")
+  assert rel_err(kernels.memory_read(h, pos, weight), want) <= FWD_TOL
+  monkeypatch.setenv(read.ENV_VAR, "nonsense")
+  with pytest.raises(ValueError, match="unknown backend 'nonsense'"):
+    kernels.memory_read(h, pos, weight)
+
+
+def test_auto_backend_exports_the_mosaic_kernels_for_tpu():
+  h, pos, weight = make_inputs(1, length=64)
+  loss = lambda *a: jnp.sum(kernels.memory_read(*a).astype(jnp.float32))
+  exported = jax.export.export(jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2))),
+                                platforms=["tpu"])(
+      h, pos, weight)
+  text = exported.mlir_module()
+  assert "memory_read_fwd" in text and "memory_read_bwd" in text
+
+
+@pytest.mark.parametrize("bad, match", [
+    (lambda h, p, w: (h[0], p, w), r"h must be \(batch, L, G, C\)"),
+    (lambda h, p, w: (h, p[:, 1:], w), "pos must be"),
+    (lambda h, p, w: (h, p, w[..., :2]), "the same shape"),
+    (lambda h, p, w: (h.astype(jnp.int32), p, w), "h must be floating point"),
+    (lambda h, p, w: (h[:, :0], p[:, :0], w[:, :0]), "L = 0"),
+])
+def test_bad_arguments_are_named(bad, match):
+  with pytest.raises(ValueError, match=match):
+    kernels.memory_read(*bad(*make_inputs(0)))
+
+
+def test_pallas_block_and_vmem_limits_are_named():
+  h, pos, weight = make_inputs(0, length=64)
+  with pytest.raises(ValueError, match="block_l=12 must be a multiple of 8"):
+    read.pallas_tpu(h, pos, weight, interpret=INTERPRET, block_l=12)
+  big = jax.ShapeDtypeStruct((1, 200_000, 1, 128), jnp.float32)
+  p = jax.ShapeDtypeStruct((1, 200_000, 1, 4), jnp.float32)
+  with pytest.raises(ValueError, match="MiB of VMEM"):
+    jax.eval_shape(lambda *a: read.pallas_tpu(*a), big, p, p)
+
+
+# ---------------------------------------------------------------------------------------------
+# The real TPU compiler, without a TPU.
+
+# (L, G, C) of Adaptor-T's heads: VMamba-T's booster at stage 1 (d_inner 96, S 4 groups x 4
+# routes), b2's stages 1 and 4 (d_inner 192 and 1536).
+MODEL_SHAPES = {"vmamba_t_stage1": (3136, 16, 24), "b2_stage1": (3136, 16, 48),
+                "b2_stage4": (49, 16, 384)}
+
+
+@pytest.mark.usefixtures("full_optimizations")
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("name", MODEL_SHAPES)
+def test_compiles_for_a_tpu_chip(name, dtype):
+  """Forward and forward+backward compile for a v5e chip at the model shapes, call the kernels,
+  and hold no temporary near the size of the 2K taps."""
+  L, G, C = MODEL_SHAPES[name]
+  batch, K = 2, 4
+  device = jax.sharding.SingleDeviceSharding(aot.topology_devices("v5e", (1, 1))[0])
+  spec = lambda shape, dt: jax.ShapeDtypeStruct(shape, dt, sharding=device)
+  args = (spec((batch, L, G, C), dtype), spec((batch, L, G, K), jnp.float32),
+          spec((batch, L, G, K), jnp.float32))
+  op = read.pallas_tpu
+  loss = lambda *a: jnp.sum(op(*a).astype(jnp.float32) ** 2)
+  fwd = jax.jit(op).lower(*args).compile()
+  bwd = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(*args).compile()
+  assert aot.custom_calls(fwd, "memory_read_fwd")
+  assert aot.custom_calls(bwd, "memory_read_bwd")
+  tap_bytes = batch * L * G * 2 * K * C * jnp.dtype(dtype).itemsize
+  temps = aot.memory(bwd)["temporaries"]
+  print(f"\n{name} {jnp.dtype(dtype).name}: fwd+bwd temporaries {temps / 2**20:.1f} MiB, "
+        f"the taps would be {tap_bytes / 2**20:.1f} MiB")
+  assert temps < tap_bytes / 4
+
+
+def test_default_blocks_fit_vmem_at_the_model_shapes():
+  for L, G, C in MODEL_SHAPES.values():
+    cfg = read_pallas_tpu._Config(L, G, C, 8, read_pallas_tpu.BlockSizes().block_l, True, False)
+    assert read_pallas_tpu._vmem_bytes(cfg, 2, backward=True) < read_pallas_tpu.VMEM_LIMIT_BYTES
