@@ -13,8 +13,8 @@ weighted cotangent rows), d pos = weight (h[p1] - h[p0]) . d read, d weight = le
 Backends, each with the same signature (h, pos, weight) -> read:
   reference   gathers the 2K = 2 x K taps (batch, L, G, 2K, C) at once and lets autodiff
               differentiate them: obviously right, and it keeps every tap for the backward;
-  xla         a custom_vjp that visits one tap at a time: the forward keeps only its inputs,
-              the backward gathers each tap again and scatter-adds into dh. Nothing of size
+  xla         a custom_vjp that visits one location (two taps) at a time: the forward keeps
+              only its inputs, the backward gathers each tap again and scatter-adds into dh. Nothing of size
               2K x h is ever live (the CPU and GPU default: gathers of contiguous rows and
               scatter-adds are native there);
   pallas_tpu  Mosaic kernels (read_pallas_tpu.py): XLA:TPU turns the scatter-add into a

@@ -128,8 +128,8 @@ def test_matches_the_einsum_formulation_in_adaptor_layout(backend):
 
 
 def test_gradients_match_finite_differences():
-  """The hand-written backward against central differences in float64-free form: small steps
-  of pos away from integers, where the read is smooth."""
+  """The hand-written backward against float32 central differences, pos mid-way between rows
+  (where the read is linear in it)."""
   h, pos, weight = make_inputs(3, batch=1, length=12, groups=1, channels=4, points=2)
   pos = jnp.floor(pos) + 0.5  # mid-way between rows: d read / d pos is constant around here
   ct = jax.random.normal(jax.random.PRNGKey(1), h.shape)
