@@ -14,9 +14,9 @@ Backends, each with the same signature (h, pos, weight) -> read:
   reference   gathers the 2K = 2 x K taps (batch, L, G, 2K, C) at once and lets autodiff
               differentiate them: obviously right, and it keeps every tap for the backward;
   xla         a custom_vjp that visits one location (two taps) at a time: the forward keeps
-              only its inputs, the backward gathers each tap again and scatter-adds into dh. Nothing of size
-              2K x h is ever live (the CPU and GPU default: gathers of contiguous rows and
-              scatter-adds are native there);
+              only its inputs, the backward gathers each tap again and scatter-adds into dh.
+              Nothing of size 2K x h is ever live (the CPU and GPU default: gathers of
+              contiguous rows and scatter-adds are native there);
   pallas_tpu  Mosaic kernels (read_pallas_tpu.py): XLA:TPU turns the scatter-add into a
               serial loop over updates and its row gathers move whole tiles, so on TPU the rows
               are read and accumulated inside VMEM.
