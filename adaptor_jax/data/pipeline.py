@@ -59,6 +59,11 @@ def _how_to_prepare(name, data_dir):
             f"{where}/downloads/manual/, then run `tfds build imagenet2012 --data_dir={where} "
             f"--file_format=array_record` (tfds build needs TensorFlow installed in the "
             f"environment that runs it; training does not).")
+  if name in builders.CATALOG_SOURCES:
+    download, url, source = builders.CATALOG_SOURCES[name]
+    return (f"Prepare it once: download {download} from {url}, then run `python -m "
+            f"adaptor_jax.data.builders --dataset={name} --source={source} --data_dir={where}` "
+            f"(no TensorFlow needed).")
   return (f"For your own images run `python -m adaptor_jax.data.builders --dataset=image_folder "
           f"--root=DIR --name={name} --data_dir={where}`; for a TFDS catalog dataset run "
           f"`tfds build {name} --data_dir={where} --file_format=array_record` (needs TensorFlow "
