@@ -25,8 +25,11 @@ def main(argv):
   from adaptor_jax.training import config as config_lib  # noqa: PLC0415
   config_lib.validate(_CONFIG.value)  # a bad key or value stops here, before any compute
   hosts.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-  from adaptor_jax.training import loop  # noqa: PLC0415
-  loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  from adaptor_jax.training import init_from, loop  # noqa: PLC0415
+  try:
+    loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  except init_from.InitFromError as e:  # a user's mismatch: one line, no traceback
+    raise SystemExit(f"train.py: {e}") from None
 
 
 if __name__ == "__main__":

@@ -126,14 +126,14 @@ def load_params(directory, abstract_params, shardings):
   placed in `shardings`; `abstract_params` is the pure-dict structure to expect."""
   with ocp.StandardCheckpointer() as ckptr:
     saved = ckptr.metadata(directory).item_metadata
-    if _converted_layout(saved):  # the converter saved nnx Variables: {"...": {"value": x}}
+    if converted_layout(saved):  # the converter saved nnx Variables: {"...": {"value": x}}
       target = jax.tree.map(lambda a: {"value": a}, _placed(abstract_params, shardings))
       return jax.tree.map(lambda d: d["value"], ckptr.restore(directory, target),
                           is_leaf=lambda d: isinstance(d, dict) and set(d) == {"value"})
     return ckptr.restore(directory, _placed(abstract_params, shardings))
 
 
-def _converted_layout(tree):
+def converted_layout(tree):
   leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
   return bool(leaves) and all(str(getattr(p[-1], "key", "")) == "value" for p, _ in leaves)
 

@@ -1,0 +1,149 @@
+"""`config.init_from`: a run starts from another run's or a converter's params, strictly.
+
+The checkpoint (a workdir: its newest checkpoint, EMA params when kept; a step directory; or
+a converter's output) is matched to the model param by param, by path:
+  loaded        same path and shape: restored; the EMA starts from them too;
+  kept at init  only what the model initialises by design: the adaptors (Adaptor-T/S) of the
+                booster and adaptor forms when the checkpoint has none, and the head when the
+                checkpoint's has another shape (another number of classes).
+Anything else stops the run before any training, in one line naming the params: one the
+checkpoint lacks, one of another shape, or one of the checkpoint the model has no place for
+(its values would be lost). Only the params to load are read (orbax partial restore).
+The run's workdir gets init_from.json: where from, what was loaded, what kept its init.
+"""
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import orbax.checkpoint as ocp
+from absl import logging
+
+from adaptor_jax.models import registry
+from adaptor_jax.training import checkpoint
+
+ADAPTORS = ("adaptor_t", "adaptor_s")   # path parts of the adaptors' params
+FORMS_WITH_NEW_ADAPTORS = ("booster", "adaptor")
+HEAD = "head"                           # the classifier's Linear (head_norm is loaded)
+
+
+class InitFromError(ValueError):
+  """config.init_from's checkpoint does not fit the model (the message names the params)."""
+
+
+def _raw(entry):
+  return getattr(entry, "key", getattr(entry, "idx", entry))
+
+
+def _key(entry):
+  return str(_raw(entry))
+
+
+def _flat(tree):
+  """{"a/b/0/c": leaf} of a pytree."""
+  return {"/".join(map(_key, path)): leaf
+          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def model_form(config):
+  """The form of config's model: config.form, else the preset's ("none" for Vim)."""
+  return config.form or registry.VMAMBA_PRESETS.get(config.model, {}).get("form", "none")
+
+
+def saved_shapes(directory):
+  """({param path: shape} of a params item, whether it has the converter's layout)."""
+  with ocp.StandardCheckpointer() as ckptr:
+    metadata = ckptr.metadata(directory).item_metadata
+  converted = checkpoint.converted_layout(metadata)
+  flat = _flat(metadata)
+  if converted:  # nnx Variables: {"...": {"value": x}}
+    flat = {path[:-len("/value")]: leaf for path, leaf in flat.items()}
+  return {path: tuple(leaf.shape) for path, leaf in flat.items()}, converted
+
+
+def plan(saved, wanted, form):
+  """(paths to load, paths kept at init) of the model's params `wanted` ({path: shape}) from
+  a checkpoint's `saved` ({path: shape}). Raises ValueError naming what does not fit."""
+  new_adaptors = form in FORMS_WITH_NEW_ADAPTORS
+  load, init, absent, shaped = [], [], [], []
+  for path, shape in wanted.items():
+    parts = path.split("/")
+    if path in saved and saved[path] == shape:
+      load.append(path)
+    elif path in saved:
+      (init if parts[0] == HEAD else shaped).append(path)
+    elif new_adaptors and any(a in parts for a in ADAPTORS):
+      init.append(path)
+    else:
+      absent.append(path)
+  unplaced = sorted(set(saved) - set(wanted))
+  problems = []
+  if absent:
+    problems.append(f"absent from the checkpoint: {_some(absent)}")
+  if shaped:
+    problems.append("of another shape: " + _some(
+        [f"{p} {saved[p]} vs the model's {wanted[p]}" for p in shaped]))
+  if unplaced:
+    problems.append(f"in the checkpoint with no place in the model: {_some(unplaced)}")
+  if problems:
+    raise ValueError("; ".join(problems))
+  return load, init
+
+
+def _some(items, n=4):
+  more = f" ... ({len(items)} in all)" if len(items) > n else ""
+  return ", ".join(items[:n]) + more
+
+
+def _subtree(tree, keep):
+  """The nested dicts of `tree` holding only the leaves whose path is in `keep`."""
+  out = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    if "/".join(map(_key, path)) in keep:
+      node = out
+      for entry in path[:-1]:
+        node = node.setdefault(_raw(entry), {})
+      node[_raw(path[-1])] = leaf
+  return out
+
+
+def restore(directory, paths, abstract_params, shardings, converted):
+  """{path: array} of `paths` read from the params item `directory`, placed in `shardings`."""
+  placed = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, jnp.float32, sharding=s),
+                        abstract_params, shardings)
+  target = _subtree(placed, set(paths))
+  if converted:
+    target = jax.tree.map(lambda a: {"value": a}, target)
+  with ocp.PyTreeCheckpointer() as ckptr:
+    got = ckptr.restore(directory, args=ocp.args.PyTreeRestore(
+        item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+        partial_restore=True))
+  flat = _flat(got)
+  return {path[:-len("/value")] if converted else path: a for path, a in flat.items()}
+
+
+def apply(state, shardings, config, workdir):
+  """The fresh train `state` with config.init_from's params in (EMA too); InitFromError."""
+  try:
+    directory, _ = checkpoint.params_dir(config.init_from)
+  except FileNotFoundError as e:
+    raise InitFromError(f"config.init_from: {e}") from None
+  saved, converted = saved_shapes(directory)
+  wanted = {path: tuple(a.shape) for path, a in _flat(state["params"]).items()}
+  try:
+    load, init = plan(saved, wanted, model_form(config))
+  except ValueError as e:
+    raise InitFromError(f"config.init_from={config.init_from}: {config.model} "
+                     f"(form {model_form(config)}) cannot start from {directory}: {e}") from None
+  values = restore(directory, load, state["params"], shardings["params"], converted)
+  params = jax.tree_util.tree_map_with_path(
+      lambda path, old: values[k].astype(old.dtype) if (k := "/".join(map(_key, path))) in values
+      else old, state["params"])
+  ema = jax.tree.map(jnp.copy, params) if state["ema"] is not None else None
+  logging.info("init_from %s: %d params loaded, %d kept at init: %s", directory, len(load),
+               len(init), init)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "init_from.json"), "w") as f:
+      json.dump(dict(init_from=config.init_from, directory=directory, loaded=len(load),
+                     kept_at_init=init), f, indent=1)
+  return dict(state, params=params, ema=ema)
