@@ -6,15 +6,15 @@ form="booster"   a (pretrained) VMamba with Adaptor-T/S inserted; gamma and the 
                  at zero, so at step 0 the model equals the VMamba it boosts; everything trains.
 form="adaptor"   transfer learning: the same zero-initialised adaptors form a parallel branch whose
                  output is added to the frozen SS2D core output (before its out_norm, so the branch
-                 needs no projection of its own); `share_adaptor=True` lets the blocks of a stage
-                 use one adaptor; `trainable(model)` names what trains (adaptors, head, optionally
-                 norms).
+                 needs no projection of its own), K = 8 points by default (adaptor.PARALLEL);
+                 `share_adaptor=True` lets the blocks of a stage use one adaptor;
+                 `trainable(model)` names what trains (adaptors, head, optionally norms).
 """
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from adaptor_jax.models import common
+from adaptor_jax.models import adaptor as adaptor_lib, common
 from adaptor_jax.models.adaptor import AdaptorConfig, AdaptorS, AdaptorT
 from adaptor_jax.models.ss2d import SS2D
 
@@ -92,7 +92,8 @@ class VSSM(nnx.Module):
     if share_adaptor and form != "adaptor":
       raise ValueError("VSSM: share_adaptor=True only applies to form='adaptor'")
     common.check_remat(remat, "VSSM")
-    adaptor = (adaptor or AdaptorConfig()) if form != "none" else None
+    default = adaptor_lib.PARALLEL if form == "adaptor" else AdaptorConfig()
+    adaptor = (adaptor or default) if form != "none" else None
     self.form, self.dims, self.depths, self.remat = form, tuple(dims), tuple(depths), remat
     rates = np.linspace(0.0, drop_path_rate, sum(depths)).tolist()
     self.patch_embed = PatchEmbed(dims[0], dtype=dtype, rngs=rngs)
@@ -136,29 +137,33 @@ class VSSM(nnx.Module):
     return self.head(common.global_avg_pool(self.head_norm(x)))
 
 
-def trainable(model, *, norms=False):
+def trainable(model, *, norms=False, head_only=False):
   """The nnx filter of the params that train.
 
   For form="adaptor": the adaptors and the classifier (head_norm, head), plus every LayerNorm when
-  norms=True; everything else is frozen. For the other forms: every param.
+  norms=True; everything else is frozen. For the other forms: every param. head_only=True (any
+  form): linear probing, only the classifier trains.
   Use it as `nnx.Optimizer(model, tx, wrt=trainable(model))` or `nnx.DiffState(0, ...)`.
   """
-  if getattr(model, "form", "none") != "adaptor":
+  if head_only:
+    keys = ["head", "head_norm"]
+  elif getattr(model, "form", "none") != "adaptor":
     return nnx.Param
-  keys = ["adaptor_t", "adaptor_s", "head", "head_norm"]
+  else:
+    keys = ["adaptor_t", "adaptor_s", "head", "head_norm"]
   if norms:
     keys += ["norm", "norm1", "norm2", "out_norm"]
   return nnx.All(nnx.Param, nnx.Any(*[nnx.PathContains(k) for k in keys]))
 
 
-def trainable_mask(model, *, norms=False):
+def trainable_mask(model, *, norms=False, head_only=False):
   """A pytree of bools shaped like nnx.state(model, nnx.Param): True where the param trains.
 
   To freeze the rest with optax:
     optax.multi_transform({True: tx, False: optax.set_to_zero()}, mask)
   (optax.masked(tx, mask) alone would pass the frozen params' raw gradients through).
   """
-  is_trainable = nnx.filterlib.to_predicate(trainable(model, norms=norms))
+  is_trainable = nnx.filterlib.to_predicate(trainable(model, norms=norms, head_only=head_only))
   params = nnx.state(model, nnx.Param)
   flat = [(path, bool(is_trainable(path, var))) for path, var in nnx.to_flat_state(params)]
   return nnx.from_flat_state(flat)

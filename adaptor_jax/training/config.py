@@ -26,6 +26,8 @@ def default_config():
   c.model = "mamba_adaptor_b2"    # a preset of adaptor_jax.list_models()
   c.form = ""                     # VMamba family: none|backbone|booster|adaptor; "" = the preset's
   c.share_adaptor = False         # form=adaptor: one adaptor per stage instead of per block
+  c.train_only = ""               # "": what the form trains (all; adaptor: adaptors + head);
+                                  # "head": linear probing, the classifier only (VMamba family)
   c.model_overrides = ml_collections.ConfigDict()  # other create_model arguments (dims, depths)
   c.drop_path_rate = -1.0         # stochastic depth at the last block; -1 keeps the preset's
   c.dtype = "bfloat16"            # compute dtype (params, optimizer state and EMA stay float32)
@@ -96,6 +98,13 @@ def validate(config):
     _fail("form", f"{c.form!r} is not one of {vmamba.FORMS}")
   if c.share_adaptor and c.form != "adaptor":
     _fail("share_adaptor", "only applies with form='adaptor'")
+  if c.train_only not in ("", "head"):
+    _fail("train_only", f"{c.train_only!r} is not '' (what the form trains) or 'head'")
+  if c.train_only and c.model.startswith("vim"):
+    _fail("train_only", f"linear probing applies to the VMamba family, not {c.model}")
+  if (c.form == "adaptor" or c.train_only) and not c.init_from:
+    _fail("init_from", "the backbone is frozen (form=adaptor or train_only=head): start it from "
+          "pretrained weights, a converted VMamba or a run's workdir")
   if c.remat not in common.REMAT:
     _fail("remat", f"{c.remat!r} is not one of {sorted(common.REMAT)}")
   if c.dtype not in DTYPES:

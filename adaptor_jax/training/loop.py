@@ -10,7 +10,8 @@ from flax import nnx
 from absl import logging
 
 from adaptor_jax.data import pipeline
-from adaptor_jax.training import checkpoint, config as config_lib, optimizer, sharding, steps
+from adaptor_jax.training import (checkpoint, config as config_lib, init_from, optimizer,
+                                  sharding, steps)
 from adaptor_jax.training.progress import Progress
 
 
@@ -97,6 +98,10 @@ def train_and_evaluate(config, workdir):
       json.dump(config.to_dict(), f, indent=2)
 
   made = steps.make_net(config, num_classes)
+  counts = steps.param_counts(made[1], made[2])
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "params.json"), "w") as f:
+      json.dump(counts, f, indent=1)
   tx = optimizer.make(config, steps_per_epoch, trainable=made[2])
   lr_at = optimizer.schedule(config, steps_per_epoch)
   net, state, shardings = steps.create(config, num_classes, mesh, tx, made)
@@ -107,16 +112,16 @@ def train_and_evaluate(config, workdir):
     state = checkpoint.restore(mngr, mngr.latest_step(), state, shardings, data_iter)
     logging.info("resumed from step %d", mngr.latest_step())
   elif config.init_from:
-    directory, _ = checkpoint.params_dir(config.init_from)
-    state = steps.init_from(state, checkpoint.load_params(directory, state["params"],
-                                                          shardings["params"]), config)
+    state = init_from.apply(state, shardings, config, workdir)
   train_step = steps.make_train_step(net, tx, config, num_classes, shardings, mesh)
   eval_step = steps.make_eval_step(net, config, shardings["params"], mesh)
   step = start = int(jax.device_get(state["step"]))
   progress = Progress(workdir, total_steps=total_steps, batch_size=config.batch_size,
                       start_step=step)
-  progress.line(f"{config.model}: {n_train} training images, {steps_per_epoch} steps/epoch, "
-                f"{total_steps} steps, mesh {dict(mesh.shape)}, from step {step}")
+  progress.line(f"{config.model}: {counts['params']:,} params, {counts['trainable']:,} of them "
+                f"trained ({counts['trainable_share']:.2%}); {n_train} training images, "
+                f"{steps_per_epoch} steps/epoch, {total_steps} steps, mesh {dict(mesh.shape)}, "
+                f"from step {step}")
   stop_signal = _StopSignal()
   metrics, result = None, {}
   while step < last_step:

@@ -44,8 +44,9 @@ def make(config, steps_per_epoch, trainable=None):
   return optax.multi_transform({True: tx, False: optax.set_to_zero()}, trainable)
 
 
-def trainable_mask(model):
-  """Pure-dict mask of the params that train (all, except in the adaptor form)."""
-  if isinstance(model, vmamba.VSSM) and model.form == "adaptor":
-    return nnx.to_pure_dict(vmamba.trainable_mask(model))
+def trainable_mask(model, head_only=False):
+  """Pure-dict mask of the params that train: None (all) except in the adaptor form and
+  with head_only (linear probing: the classifier only)."""
+  if isinstance(model, vmamba.VSSM) and (head_only or model.form == "adaptor"):
+    return nnx.to_pure_dict(vmamba.trainable_mask(model, head_only=head_only))
   return None

@@ -13,7 +13,6 @@ import dataclasses
 from typing import Any
 
 import jax
-from absl import logging
 import jax.numpy as jnp
 import optax
 from flax import nnx
@@ -66,9 +65,18 @@ def make_net(config, num_classes):
   """(net, abstract params as an nnx.State, trainable mask or None), without any compute."""
   model = nnx.eval_shape(lambda: build_model(config, num_classes))
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-  mask = optimizer.trainable_mask(model)
-  wrt = nnx.Param if mask is None else vmamba.trainable(model)
+  head_only = config.train_only == "head"
+  mask = optimizer.trainable_mask(model, head_only)
+  wrt = nnx.Param if mask is None else vmamba.trainable(model, head_only=head_only)
   return Net(graphdef, placeholders(rest), wrt), params, mask
+
+
+def param_counts(abstract_params, mask):
+  """{"params", "trainable", "trainable_share"} of make_net's params and trainable mask."""
+  sizes = [a.size for a in jax.tree.leaves(nnx.to_pure_dict(abstract_params))]
+  flags = jax.tree.leaves(mask) if mask is not None else [True] * len(sizes)
+  total, trained = sum(sizes), sum(n for n, t in zip(sizes, flags) if t)
+  return dict(params=total, trainable=trained, trainable_share=trained / total)
 
 
 def placeholders(rest):
@@ -219,25 +227,3 @@ def make_eval_step(net, config, param_shardings, mesh):
   return jax.jit(sharding.on_mesh(eval_step, mesh),
                  in_shardings=(param_shardings, sharding.batch_sharding(mesh)),
                  out_shardings=sharding.replicated(mesh))
-
-
-def init_from(state, params, config):
-  """The state with every param that `params` (a pure dict, e.g. checkpoint.load_params) has at
-  the same path and shape copied in, also into the EMA; the others (a new head, the adaptors of
-  a booster) keep their init. Logs what was taken."""
-  flat_new = dict(jax.tree_util.tree_flatten_with_path(params)[0])
-  taken, kept = [], []
-
-  def pick(path, old):
-    new = flat_new.get(path)
-    if new is not None and new.shape == old.shape:
-      taken.append(path)
-      return jax.device_put(new.astype(old.dtype), old.sharding)
-    kept.append(jax.tree_util.keystr(path))
-    return old
-
-  fresh = jax.tree_util.tree_map_with_path(pick, state["params"])
-  logging.info("init_from %s: %d params loaded, %d kept at init: %s", config.init_from,
-               len(taken), len(kept), kept)
-  ema = jax.tree.map(jnp.copy, fresh) if state["ema"] is not None else None
-  return dict(state, params=fresh, ema=ema)
