@@ -1,8 +1,9 @@
 """Official VMamba v2 checkpoints (MzeroMiko/VMamba, classification/models/vmamba.py) <-> our params.
 
 Import:  python -m adaptor_jax.convert.vmamba --checkpoint=FILE.pth --model=vmamba_tiny --output=DIR
-Export:  python -m adaptor_jax.convert.vmamba --export --input=DIR --model=vmamba_tiny \
-             --checkpoint=OUT.pth
+Export:  python -m adaptor_jax.convert.vmamba --export --input=DIR --checkpoint=OUT.pth
+DIR: a converter output, a training workdir (its newest checkpoint, EMA params when kept) or a
+step directory; a model with adaptors cannot be exported (the official layout has no place).
 FILE is a torch checkpoint holding the state dict under --key ("model" or "model_ema"), or a bare
 state dict; a .npz of the same keys also works and needs no torch (torch is the `convert` extra).
 The adaptor_vmamba_* presets take the VMamba weights and keep their adaptors as the booster form
@@ -21,6 +22,7 @@ from absl import app, flags
 from flax import nnx
 
 from adaptor_jax.models import registry
+from adaptor_jax.models.vmamba import VSSM
 
 PRESETS = ("vmamba_tiny", "vmamba_small", "vmamba_base",
            "adaptor_vmamba_tiny", "adaptor_vmamba_small", "adaptor_vmamba_base")
@@ -185,7 +187,16 @@ def main(argv):
   if _EXPORT.value:
     if not (_INPUT.value and _CHECKPOINT.value):
       raise app.UsageError("--export needs --input=DIR and --checkpoint=OUT.pth|.npz")
-    write_checkpoint(_CHECKPOINT.value, to_state_dict(restore(_INPUT.value)))
+    # --input: a converter output, a training workdir (its newest checkpoint; EMA params when
+    # the run kept them) or a step directory: the notebook loader reads all three.
+    from adaptor_jax.training import checkpoint  # noqa: PLC0415 - the CLI's only use of it
+    model, _ = checkpoint.load_model(_INPUT.value)
+    if not isinstance(model, VSSM):
+      raise SystemExit(f"--export: {_INPUT.value} holds a {type(model).__name__}, not a VMamba")
+    if model.form != "none":
+      raise SystemExit(f"--export: {_INPUT.value} holds a VMamba with adaptors (form "
+                       f"{model.form}); the official VMamba layout has no place for them")
+    write_checkpoint(_CHECKPOINT.value, to_state_dict(model))
     print(f"wrote {_CHECKPOINT.value}")
     return
   if not (_CHECKPOINT.value and _MODEL.value and _OUTPUT.value):
