@@ -1,4 +1,5 @@
-"""Cases for tests/test_training.py: tiny training configs, norm-based comparisons, subprocess
+"""Cases for tests/test_training.py, test_init_from.py and test_transfer.py: tiny training
+configs, a converted VMamba with random weights, norm-based comparisons, subprocess
 environments, and the 8-device script run in its own process (XLA_FLAGS must be set before jax
 is imported):
 
@@ -60,6 +61,27 @@ def tiny_config(data_dir="", compile_cache="", **overrides):
   c.compile_cache = str(compile_cache)
   c.update(overrides)
   return c
+
+
+def converted_vmamba(directory, name, *, num_classes=1000, seed=0, **overrides):
+  """A VMamba-T of `overrides` with random weights written as an official .npz and imported
+  through the converter's .npz path into directory/name; returns (that path, the model)."""
+  import jax  # noqa: PLC0415
+  from flax import nnx  # noqa: PLC0415
+  from adaptor_jax.convert import vmamba as cv  # noqa: PLC0415
+  from adaptor_jax.models import registry  # noqa: PLC0415
+  model = nnx.eval_shape(lambda: registry.create_model(
+      "vmamba_tiny", num_classes=num_classes, rngs=nnx.Rngs(0), **overrides))
+  params = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+  rng = np.random.default_rng(seed)
+  official = {key: 0.2 * rng.standard_normal(
+      jax.eval_shape(to_theirs, params[path].get_value()).shape).astype(np.float32)
+      for key, path, (_, to_theirs) in cv.layout(model)}
+  npz = os.path.join(directory, f"{name}.npz")
+  np.savez(npz, **official)
+  cv.from_state_dict(model, cv.read_checkpoint(npz))
+  cv.save(model, "vmamba_tiny", os.path.join(directory, name))
+  return os.path.join(directory, name), model
 
 
 def flat(tree, prefix=""):
