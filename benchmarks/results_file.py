@@ -24,7 +24,8 @@ def load(path):
 def save(path, results, **meta):
   """Writes `results` with `meta` and the time it was updated, merged over the rows the file
   holds now (another run of the script may have added some since it was loaded)."""
-  results["rows"] = {**load(path)["rows"], **results["rows"]}
+  merged = {**load(path)["rows"], **results["rows"]}
+  results["rows"].update(merged)  # in place: callers keep adding rows to the dict they hold
   results.update(meta, updated=datetime.datetime.now(datetime.timezone.utc).isoformat(
       timespec="seconds"))
   os.makedirs(os.path.dirname(path), exist_ok=True)
