@@ -2,6 +2,8 @@
 
   python -m adaptor_jax.summary --model=vmamba_tiny [--image_size=224] [--num_classes=1000]
   python -m adaptor_jax.summary --model=all
+  python -m adaptor_jax.summary --model=vmamba_tiny --num_classes=100 --form=adaptor \
+      [--share_adaptor] [--head_only]     # + the params that train (configs/transfer.py)
 """
 import json
 
@@ -9,20 +11,32 @@ import jax
 from absl import app, flags
 from flax import nnx
 
-from adaptor_jax.models import counting, registry
+from adaptor_jax.models import counting, registry, vmamba
 
 _MODEL = flags.DEFINE_string("model", None, "A preset name (see list_models()) or 'all'.")
 _IMAGE_SIZE = flags.DEFINE_integer("image_size", 224, "Square input resolution.")
 _NUM_CLASSES = flags.DEFINE_integer("num_classes", 1000, "Classifier outputs.")
+_FORM = flags.DEFINE_enum("form", None, vmamba.FORMS, "VMamba family: the form (default: the "
+                          "preset's).")
+_SHARE = flags.DEFINE_bool("share_adaptor", False, "form=adaptor: one adaptor per stage.")
+_HEAD_ONLY = flags.DEFINE_bool("head_only", False, "Count linear probing's trainable params.")
 
 
-def summarize(name, image_size=224, num_classes=1000):
-  """{'model', 'params', 'gflops', 'image_size'} for a preset; builds it abstractly (no weights)."""
+def summarize(name, image_size=224, num_classes=1000, head_only=False, **overrides):
+  """{'model', 'params', 'trainable', 'gflops', 'image_size'} for a preset (create_model
+  `overrides`, e.g. form="adaptor"); builds it abstractly (no weights). trainable: the params
+  vmamba.trainable picks (all, except in the adaptor form and with head_only)."""
   model = nnx.eval_shape(lambda: registry.create_model(name, num_classes=num_classes,
-                                                       rngs=nnx.Rngs(0)))
+                                                       rngs=nnx.Rngs(0), **overrides))
   by_kind = {}
   flops = counting.count_flops(model, image_size, by_kind=by_kind)
-  return dict(model=name, image_size=image_size, params=counting.count_params(model),
+  params = counting.count_params(model)
+  trainable = params
+  if isinstance(model, vmamba.VSSM):
+    mask = jax.tree.leaves(nnx.to_pure_dict(vmamba.trainable_mask(model, head_only=head_only)))
+    sizes = jax.tree.leaves(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+    trainable = sum(a.size for a, t in zip(sizes, mask) if t)
+  return dict(model=name, image_size=image_size, params=params, trainable=trainable,
               gflops=round(flops / 1e9, 4), gflops_by_op={k: round(v / 1e9, 4)
                                                           for k, v in sorted(by_kind.items())})
 
@@ -32,10 +46,15 @@ def main(argv):
   if _MODEL.value is None:
     raise app.UsageError(f"--model is required; one of {registry.list_models()} or 'all'")
   names = registry.list_models() if _MODEL.value == "all" else [_MODEL.value]
+  overrides = {}
+  if _FORM.value:
+    overrides = dict(form=_FORM.value, share_adaptor=_SHARE.value)
   for name in names:
-    s = summarize(name, _IMAGE_SIZE.value, _NUM_CLASSES.value)
+    s = summarize(name, _IMAGE_SIZE.value, _NUM_CLASSES.value, _HEAD_ONLY.value, **overrides)
+    trains = (f"   trainable {s['trainable']:>11,} ({s['trainable'] / s['params']:.2%})"
+              if s["trainable"] != s["params"] else "")
     print(f"{s['model']:<24} params {s['params']:>12,}   GFLOPs {s['gflops']:8.3f}"
-          f"   ({s['image_size']}x{s['image_size']})")
+          f"   ({s['image_size']}x{s['image_size']}){trains}")
   if len(names) == 1:
     print(json.dumps(s))
 

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import pytest
 from flax import nnx
 
+from adaptor_jax import summary
 from adaptor_jax.models import counting, registry
 
 # Measured at 224x224 with a 1000-class head: (params, multiply-adds).
@@ -113,3 +114,22 @@ def test_dense_and_conv_counts_agree_with_xla():
   print(f"ours {ours}, XLA / 2 {dict((k, v / 2) for k, v in xla.items())}")
   assert xla["dot_general"] == 2 * ours["dot_general"]
   assert xla["conv_general_dilated"] == 2 * ours["conv_general_dilated"]
+
+
+# Table 4 of the paper: trainable params of the parallel adaptor (+ a 100-class head)
+TABLE4_ADAPTOR = {"vmamba_tiny": 1.68e6, "vmamba_small": 5.10e6, "vmamba_base": 6.8e6}
+OURS_TRAINABLE = {  # python -m adaptor_jax.summary --model=NAME --num_classes=100 ...
+    ("vmamba_tiny", "adaptor"): 1_585_380, ("vmamba_small", "adaptor"): 4_649_572,
+    ("vmamba_base", "adaptor"): 6_197_604, ("vmamba_tiny", "share"): 497_060,
+    ("vmamba_tiny", "linear"): 78_436}
+
+
+@pytest.mark.parametrize("name,method", sorted(OURS_TRAINABLE))
+def test_transfer_trainable_counts(name, method):
+  overrides = {} if method == "linear" else dict(form="adaptor", share_adaptor=method == "share")
+  s = summary.summarize(name, num_classes=100, head_only=method == "linear", **overrides)
+  assert s["trainable"] == OURS_TRAINABLE[name, method]
+  if method == "linear":
+    assert s["trainable"] == 768 * 100 + 100 + 2 * 768
+  if method == "adaptor":
+    assert abs(s["trainable"] / TABLE4_ADAPTOR[name] - 1) <= 0.10

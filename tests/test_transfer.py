@@ -19,7 +19,8 @@ import dataset_archives
 import train_cases as tc
 from adaptor_jax.convert import vmamba as cv
 from adaptor_jax.data import builders
-from adaptor_jax.training import checkpoint, init_from, optimizer, sharding, steps
+from adaptor_jax.training import (checkpoint, config as config_lib, init_from, optimizer,
+                                  sharding, steps)
 
 TINY = os.path.join(tc.REPO, "tests", "configs", "transfer_tiny.py")
 SMALL = dict(dims=(16,), depths=(2,))
@@ -126,3 +127,21 @@ def test_export_from_a_workdir_and_refusal_for_adaptors(runs, tmp_path):
   assert refused.returncode == 1
   assert refused.stderr.strip().splitlines()[-1].endswith(
       "the official VMamba layout has no place for them"), refused.stderr[-2000:]
+
+
+@pytest.mark.parametrize("dataset", ("cifar100", "svhn", "food101"))
+@pytest.mark.parametrize("method", METHODS)
+def test_transfer_config_files_validate_and_need_init_from(dataset, method):
+  spec = importlib.util.spec_from_file_location("transfer", os.path.join(tc.REPO, "configs",
+                                                                         "transfer.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  c = module.get_config(f"{dataset},{method}")
+  if method != "full":  # the frozen backbones
+    with pytest.raises(ValueError, match="config.init_from: the backbone is frozen"):
+      config_lib.validate(c)
+  c.init_from = "/ckpts/vmamba_tiny"
+  assert config_lib.validate(c) is c
+  assert c.data.hflip == (0.0 if dataset == "svhn" else 0.5)
+  with pytest.raises(ValueError, match="want DATASET,METHOD"):
+    module.get_config(f"{dataset}")
