@@ -1,7 +1,7 @@
 """The paper's second and third usages end to end, as a user runs them (README "Transfer
 learning"): a VMamba converted through the importer's .npz path, the booster started from it,
-and each of configs/transfer.py's methods fine-tuned from it on a CIFAR-100 built from a tiny
-archive in the distributed format; a mismatched init_from fails in one named line; a
+and each of configs/transfer.py's methods fine-tuned from it (share from the full run's
+workdir) on a CIFAR-100 built from a tiny archive in the distributed format; a mismatched init_from fails in one named line; a
 fine-tuned VMamba goes back to the official layout from its workdir."""
 import importlib.util
 import json
@@ -60,6 +60,13 @@ def _start_and_end(config, workdir):
   return tc.flat(start), tc.flat(end), mask
 
 
+FROM_WORKDIR = {"share": "full"}  # share starts from the full run's workdir, the others converted
+
+
+def _init(tmp, vmamba, method):
+  return tmp / FROM_WORKDIR[method] if method in FROM_WORKDIR else vmamba
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
   """Every run once: {name: (exit code, stderr)}, with the paths they used."""
@@ -72,8 +79,9 @@ def runs(tmp_path_factory):
   other, _ = tc.converted_vmamba(tmp, "vmamba_wider", seed=1, **dict(SMALL, dims=(24,)))
   out = dict(tmp=tmp, data_dir=data_dir, vmamba=vmamba)
   out["booster"] = _train(tmp, "booster", tmp / "booster", data_dir, vmamba)
-  for method in METHODS:
-    out[method] = _train(tmp, f"cifar100,{method}", tmp / method, data_dir, vmamba)
+  for method in sorted(METHODS, key=lambda m: m in FROM_WORKDIR):  # their sources first
+    out[method] = _train(tmp, f"cifar100,{method}", tmp / method, data_dir,
+                         _init(tmp, vmamba, method))
   out["mismatch"] = _train(tmp, "cifar100,adaptor", tmp / "mismatch", data_dir, other)
   return out
 
@@ -86,14 +94,16 @@ def test_each_method_trains_exactly_its_params_and_the_loss_falls(runs, method):
   losses = [loss for _, loss in sorted(tc.train_losses(tc.read_metrics(workdir)).items())]
   assert len(losses) == 12 and np.mean(losses[-3:]) < np.mean(losses[:3]) - 0.3, losses
   arg = "booster" if method == "booster" else f"cifar100,{method}"
-  start, end, mask = _start_and_end(_config(arg, runs["data_dir"], runs["vmamba"]), workdir)
+  init = _init(runs["tmp"], runs["vmamba"], method)
+  start, end, mask = _start_and_end(_config(arg, runs["data_dir"], init), workdir)
   changed = {k for k in start if not np.array_equal(start[k], end[k])}
   assert changed == {k for k, t in mask.items() if t}, sorted(changed ^ {
       k for k, t in mask.items() if t})
   with open(workdir / "init_from.json") as f:
     kept = json.load(f)["kept_at_init"]
   adaptors = [k for k in start if "adaptor_t" in k or "adaptor_s" in k]
-  assert sorted(kept) == sorted(adaptors + ["head/bias", "head/kernel"])
+  new_head = [] if method in FROM_WORKDIR else ["head/bias", "head/kernel"]  # 100 classes there
+  assert sorted(kept) == sorted(adaptors + new_head)
   with open(workdir / "params.json") as f:
     counts = json.load(f)
   assert counts["trainable"] == sum(start[k].size for k, t in mask.items() if t)

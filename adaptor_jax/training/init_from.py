@@ -79,7 +79,10 @@ def plan(saved, wanted, form):
   unplaced = sorted(set(saved) - set(wanted))
   problems = []
   if absent:
-    problems.append(f"absent from the checkpoint: {_some(absent)}")
+    hint = ""
+    if form == "backbone" and any(a in p.split("/") for p in absent for a in ADAPTORS):
+      hint = " (form=booster inserts adaptors that start at zero)"
+    problems.append(f"absent from the checkpoint: {_some(absent)}{hint}")
   if shaped:
     problems.append("of another shape: " + _some(
         [f"{p} {saved[p]} vs the model's {wanted[p]}" for p in shaped]))
