@@ -13,13 +13,14 @@ from flax import nnx
 
 from adaptor_jax.models import counting, registry, vmamba
 
-_MODEL = flags.DEFINE_string("model", None, "A preset name (see list_models()) or 'all'.")
-_IMAGE_SIZE = flags.DEFINE_integer("image_size", 224, "Square input resolution.")
-_NUM_CLASSES = flags.DEFINE_integer("num_classes", 1000, "Classifier outputs.")
-_FORM = flags.DEFINE_enum("form", None, vmamba.FORMS, "VMamba family: the form (default: the "
-                          "preset's).")
-_SHARE = flags.DEFINE_bool("share_adaptor", False, "form=adaptor: one adaptor per stage.")
-_HEAD_ONLY = flags.DEFINE_bool("head_only", False, "Count linear probing's trainable params.")
+def _define_flags():
+  """The CLI's flags (defined only when run as a script, so importers' flags never clash)."""
+  flags.DEFINE_string("model", None, "A preset name (see list_models()) or 'all'.")
+  flags.DEFINE_integer("image_size", 224, "Square input resolution.")
+  flags.DEFINE_integer("num_classes", 1000, "Classifier outputs.")
+  flags.DEFINE_enum("form", None, vmamba.FORMS, "VMamba family: the form (default: the preset's).")
+  flags.DEFINE_bool("share_adaptor", False, "form=adaptor: one adaptor per stage.")
+  flags.DEFINE_bool("head_only", False, "Count linear probing's trainable params.")
 
 
 def summarize(name, image_size=224, num_classes=1000, head_only=False, **overrides):
@@ -33,9 +34,7 @@ def summarize(name, image_size=224, num_classes=1000, head_only=False, **overrid
   params = counting.count_params(model)
   trainable = params
   if isinstance(model, vmamba.VSSM):
-    mask = jax.tree.leaves(nnx.to_pure_dict(vmamba.trainable_mask(model, head_only=head_only)))
-    sizes = jax.tree.leaves(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
-    trainable = sum(a.size for a, t in zip(sizes, mask) if t)
+    trainable = counting.count_params(model, vmamba.trainable(model, head_only=head_only))
   return dict(model=name, image_size=image_size, params=params, trainable=trainable,
               gflops=round(flops / 1e9, 4), gflops_by_op={k: round(v / 1e9, 4)
                                                           for k, v in sorted(by_kind.items())})
@@ -43,14 +42,15 @@ def summarize(name, image_size=224, num_classes=1000, head_only=False, **overrid
 
 def main(argv):
   del argv
-  if _MODEL.value is None:
+  f = flags.FLAGS
+  if f.model is None:
     raise app.UsageError(f"--model is required; one of {registry.list_models()} or 'all'")
-  names = registry.list_models() if _MODEL.value == "all" else [_MODEL.value]
+  names = registry.list_models() if f.model == "all" else [f.model]
   overrides = {}
-  if _FORM.value:
-    overrides = dict(form=_FORM.value, share_adaptor=_SHARE.value)
+  if f.form:
+    overrides = dict(form=f.form, share_adaptor=f.share_adaptor)
   for name in names:
-    s = summarize(name, _IMAGE_SIZE.value, _NUM_CLASSES.value, _HEAD_ONLY.value, **overrides)
+    s = summarize(name, f.image_size, f.num_classes, f.head_only, **overrides)
     trains = (f"   trainable {s['trainable']:>11,} ({s['trainable'] / s['params']:.2%})"
               if s["trainable"] != s["params"] else "")
     print(f"{s['model']:<24} params {s['params']:>12,}   GFLOPs {s['gflops']:8.3f}"
@@ -61,4 +61,5 @@ def main(argv):
 
 if __name__ == "__main__":
   jax.config.update("jax_platforms", "cpu")
+  _define_flags()
   app.run(main)

@@ -70,7 +70,7 @@ CASES = {  # name: make_inputs kwargs
     "L40_C128_K1": dict(batch=1, length=40, groups=2, channels=128, points=1, reverse=True),
     "L1": dict(batch=1, length=1, groups=2, channels=8),
     "C48_heads_straddle_lanes": dict(batch=1, length=24, groups=3, channels=48, points=2),
-    "L33_K8": dict(batch=1, length=33, groups=2, points=8),  # the parallel adaptor's K
+    "L16_K8": dict(batch=1, length=16, groups=1, points=8),  # the parallel adaptor's K
 }
 
 

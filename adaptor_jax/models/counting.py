@@ -20,9 +20,10 @@ import numpy as np
 from flax import nnx
 
 
-def count_params(model):
-  """Number of parameters (shared ones once)."""
-  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+def count_params(model, wrt=nnx.Param):
+  """Number of parameters matching the nnx filter `wrt` (shared ones once); e.g.
+  wrt=vmamba.trainable(model) counts those that train."""
+  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, wrt)))
 
 
 def _dot_general(eqn):
