@@ -59,11 +59,13 @@ def write_svhn(directory, rng, labels):
 FOOD_CLASSES = ("apple_pie", "baklava", "waffles")
 
 
-def write_food101(path, rng, train=None, test=None, drop=()):
+def write_food101(path, rng, train=None, test=None, drop=(), corrupt=()):
   """A food-101.tar.gz as distributed (meta/*.txt, images/<class>/<id>.jpg); returns
-  ({image name: JPEG bytes}, train names, test names). `drop`: image names left out."""
+  ({image name: JPEG bytes}, train names, test names). `drop`: image names left out;
+  `corrupt`: image names whose bytes are not an image."""
   images = {f"{c}/{1000 + 7 * i + j}": image_bytes(rng, "JPEG", (20 + i, 24))
             for j, c in enumerate(FOOD_CLASSES) for i in range(3)}
+  images.update({name: b"\xff\xd8\xff\xe0 not a jpeg" for name in corrupt})
   names = sorted(images)
   first = [n for n in names if int(n.split("/")[1]) < 1000 + len(FOOD_CLASSES)]  # 1 per class
   train = [n for n in names if n not in first] if train is None else train

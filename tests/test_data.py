@@ -4,6 +4,7 @@ state (also through orbax), corrupt records and errors."""
 import collections
 import logging
 import os
+import shutil
 
 import grain
 import numpy as np
@@ -13,6 +14,7 @@ import tensorflow_datasets as tfds
 from sklearn import datasets as sk_datasets
 
 import dataset_archives
+from adaptor_jax import errors
 from adaptor_jax.data import builders, pipeline, transforms
 
 SIZE = 16  # output image side in these tests
@@ -42,6 +44,16 @@ def write_folder(root, counts, rng, corrupt=()):
   return files
 
 
+def write_unchecked(root, data_dir, name):
+  """Builds the image folder `root` as `name` past the builder's decode check (corrupt files
+  kept), with the builder's own scan and writer."""
+  # pylint: disable=protected-access
+  class_names, examples = builders._folder_examples(str(root), 0.1, 0)
+  builders._write(name, str(data_dir), builders._features(class_names),
+                  {s: builders._file_examples(rows) for s, rows in examples.items()}, "")
+  # pylint: enable=protected-access
+
+
 def records(cfg, split):
   source = pipeline.open_source(cfg, split)
   return [source[i] for i in range(len(source))]
@@ -52,6 +64,31 @@ def digits_dir(tmp_path_factory):
   data_dir = tmp_path_factory.mktemp("tfds")
   builders.build_digits(data_dir)
   return data_dir
+
+
+DIGITS_TRAIN_FILE = "digits-train.array_record-00000-of-00001"
+
+
+@pytest.fixture(scope="module")
+def corrupt_digits(digits_dir, tmp_path_factory):
+  """A copy of digits whose train file has 4 KiB of random bytes at offset 262144 (a few
+  records in the corrupted chunks cannot be read): (data_dir, their record indices)."""
+  data_dir = tmp_path_factory.mktemp("corrupt")
+  shutil.copytree(digits_dir / "digits", data_dir / "digits")
+  path = data_dir / "digits" / "1.0.0" / DIGITS_TRAIN_FILE
+  assert path.stat().st_size > 262144 + 4096
+  with open(path, "r+b") as f:
+    f.seek(262144)
+    f.write(np.random.default_rng(0).bytes(4096))
+  source = pipeline.open_source(make_cfg("digits", data_dir), "train")
+  bad = set()
+  for i in range(len(source)):
+    try:
+      source[i]
+    except RuntimeError:
+      bad.add(i)
+  assert 0 < len(bad) < 100, len(bad)
+  return data_dir, bad
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +102,7 @@ def folder(tmp_path_factory):
   val = write_folder(root / "validation", {"cat": 2, "dog": 1, "eel": 2}, rng,
                      corrupt=("dog/bad3.jpeg",))
   (root / "train" / "cat" / "notes.txt").write_text("not an image")
-  builders.build_image_folder(root, base / "tfds", "tiny_folder")
+  write_unchecked(root, base / "tfds", "tiny_folder")  # the builder would refuse the bad ones
   return dict(data_dir=base / "tfds", name="tiny_folder", train=train, validation=val)
 
 
@@ -104,7 +141,7 @@ def test_image_folder_explicit_splits_store_original_bytes(folder):
   assert pipeline.open_builder(cfg).info.features["label"].names == ["cat", "dog", "eel"]
   for split in ("train", "validation"):
     got = {r["file_name"].decode(): r for r in records(cfg, split)}
-    assert set(got) == set(folder[split])  # notes.txt skipped, corrupt images kept
+    assert set(got) == set(folder[split])  # notes.txt skipped, corrupt images kept (unchecked)
     for rel, data in folder[split].items():
       assert got[rel]["image"] == data
       assert got[rel]["label"] == ["cat", "dog", "eel"].index(rel.split("/")[0])
@@ -154,6 +191,35 @@ def test_image_folder_errors(tmp_path):
     builders.build_image_folder(tmp_path / "empty", tmp_path / "tfds", "digits")
   with pytest.raises(ValueError, match="snake_case"):
     builders.build_image_folder(tmp_path / "empty", tmp_path / "tfds", "My Data")
+
+
+def test_image_folder_refuses_files_that_are_not_images(tmp_path, caplog):
+  rng = np.random.default_rng(9)
+  files = write_folder(tmp_path / "root", {"a": 4, "b": 4}, rng)
+  for i in range(7):  # text files named *.png
+    (tmp_path / "root" / "ab"[i % 2] / f"text{i}.png").write_text(f"not an image {i}")
+  with pytest.raises(ValueError) as e:
+    builders.build_image_folder(tmp_path / "root", tmp_path / "tfds", "texts")
+  msg = str(e.value)
+  assert "\n" not in msg
+  assert "7 of 15 files do not decode as images: a/text0.png (decode: undecodable image" in msg
+  assert "and 2 more; fix or remove them, or pass skip_bad=True" in msg
+  assert not (tmp_path / "tfds" / "texts").exists()
+  with caplog.at_level(logging.WARNING):
+    builders.build_image_folder(tmp_path / "root", tmp_path / "tfds", "texts", skip_bad=True,
+                                validation_fraction=0.0)
+  assert any("7 of 15 files do not decode" in r.getMessage() and "left out" in r.getMessage()
+             for r in caplog.records)
+  got = {r["file_name"].decode() for r in records(make_cfg("texts", tmp_path / "tfds"), "train")}
+  assert got == set(files)
+  for i in range(4):  # only text files: refused, however skip_bad is set
+    (tmp_path / "texts_only" / "c").mkdir(parents=True, exist_ok=True)
+    (tmp_path / "texts_only" / "c" / f"{i}.png").write_text("text")
+  with pytest.raises(ValueError, match=r"4 of 4 files do not decode as images: c/0.png"):
+    builders.build_image_folder(tmp_path / "texts_only", tmp_path / "tfds", "texts_only")
+  with pytest.raises(ValueError, match="no train image decodes"):
+    builders.build_image_folder(tmp_path / "texts_only", tmp_path / "tfds", "texts_only",
+                                skip_bad=True)
 
 
 def test_missing_dataset_or_data_dir_says_how_to_prepare(tmp_path):
@@ -372,6 +438,11 @@ def test_food101_errors(tmp_path):
                                               r"'food-101/images/waffles/1002.jpg' \(listed in "
                                               r"food-101/meta/test.txt line 3\)"):
     builders.build_food101(missing, tmp_path / "tfds")
+  bad_jpeg = tmp_path / "bad_jpeg.tar.gz"
+  dataset_archives.write_food101(bad_jpeg, rng, corrupt=("waffles/1002",))
+  with pytest.raises(ValueError, match=r"bad_jpeg.tar.gz: 1 of the 3 validation images do not "
+                                       r"decode: food-101/images/waffles/1002.jpg \(decode: "):
+    builders.build_food101(bad_jpeg, tmp_path / "tfds")
   assert not (tmp_path / "tfds" / "food101" / "2.0.0").exists()
 
 
@@ -516,15 +587,98 @@ def test_corrupt_records_are_skipped_and_counted(folder, caplog):
   bad = {i for i in range(len(source)) if b"bad" in source[i]["file_name"]}
   assert len(bad) == 2
   with caplog.at_level(logging.WARNING):
-    batches = take(pipeline.train_iterator(cfg, batch_size=4, seed=0, with_index=True), 12)
+    it = pipeline.train_iterator(cfg, batch_size=4, seed=0, with_index=True)
+    batches = take(it, 12)
   indices = np.concatenate([b["index"] for b in batches])  # 48 = two epochs of 24 good ones
   assert all(b["image"].shape == (4, SIZE, SIZE, 3) for b in batches)
   assert not bad & set(indices.tolist())
   assert sorted(indices[:24]) == sorted(set(range(len(source))) - bad)
-  warnings = [r.getMessage() for r in caplog.records if "does not decode" in r.getMessage()]
-  assert len(warnings) >= 4  # each corrupt record once per epoch, over two epochs
-  assert warnings[-1].endswith(f"({len(warnings)} skipped so far).")
-  assert {int(w.split()[2]) for w in warnings} == bad
+  stats = it.failures()
+  assert stats["failed"] == stats["undecodable"] >= 4  # each corrupt record once per epoch
+  assert stats["unreadable"] == 0 and stats["seen"] >= 48 + stats["failed"]
+  assert stats["by_file"] == {"tiny_folder-train.array_record-00000-of-00001": stats["failed"]}
+  assert (stats["dataset"], stats["split"]) == ("tiny_folder", "train")
+  warnings = [r.getMessage() for r in caplog.records if "skipping record" in r.getMessage()]
+  assert len(warnings) == min(stats["failed"], 5)  # the first 5 only
+  assert all("its image does not decode" in w for w in warnings)
+  assert {int(w.split("skipping record ")[1].split()[0]) for w in warnings} == bad
+  assert warnings[0].startswith("tiny_folder split 'train': skipping record ")
+  assert "(tiny_folder-train.array_record-00000-of-00001 record " in warnings[0]
+
+
+def write_records(data_dir, name, splits):
+  """Dataset `name` of {split: [image bytes]}, written as the builders write (labels 0, 1)."""
+  # pylint: disable=protected-access
+  examples = {s: builders._file_examples((f"{i:03d}.png", i % 2, data)
+                                         for i, data in enumerate(rows))
+              for s, rows in splits.items()}
+  builders._write(name, str(data_dir), builders._features(["a", "b"]), examples, "")
+  # pylint: enable=protected-access
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_all_undecodable_records_raise_bad_data_error(tmp_path, caplog, num_workers):
+  write_records(tmp_path, "all_bad", {"train": [b"text %d" % i for i in range(40)]})
+  cfg = make_cfg("all_bad", tmp_path, num_workers=num_workers)
+  it = pipeline.train_iterator(cfg, batch_size=8, seed=0)
+  try:
+    with caplog.at_level(logging.WARNING), pytest.raises(pipeline.BadDataError) as e:
+      next(it)
+  finally:
+    it.close()
+  # The default threshold: more than 0.02 of bad_window 10000 = 200: the 26th batch of 8.
+  msg = str(e.value)
+  assert "\n" not in msg
+  assert msg.startswith("all_bad split 'train': 208 of the last 208 records read failed, more "
+                        "than config.data.max_bad_fraction=0.02 of bad_window=10000; 208 failed "
+                        "of 208 read (0 unreadable, 208 undecodable; by file: "
+                        "all_bad-train.array_record-00000-of-00001: 208; files in ")
+  assert "first: record " in msg and "its image does not decode" in msg
+  assert e.value.stats == it.failures() and it.failures()["seen"] == 208
+  assert isinstance(e.value, RuntimeError) and isinstance(e.value, errors.UserError)
+  assert len([r for r in caplog.records if "all_bad" in r.getMessage()]) == 5
+
+
+def test_bad_data_threshold_knobs(tmp_path):
+  write_records(tmp_path, "half_bad", {"train": [b"text", dataset_archives.image_bytes(
+      np.random.default_rng(0), "PNG")] * 10})
+  cfg = make_cfg("half_bad", tmp_path, max_bad_fraction=1.0, bad_window=50)
+  it = pipeline.train_iterator(cfg, batch_size=5, seed=0)
+  take(it, 20)  # half fail, but never a window of nothing but failures
+  stats = it.failures()
+  assert stats["seen"] >= 200 and abs(stats["failed"] - stats["seen"] / 2) <= 10
+  cfg.max_bad_fraction = 0.4  # more than 20 of the last 50 failed
+  with pytest.raises(pipeline.BadDataError, match=r"2\d of the last \d\d records read failed, "
+                                                  r"more than config.data.max_bad_fraction=0.4 "
+                                                  r"of bad_window=50;"):
+    take(pipeline.train_iterator(cfg, batch_size=5, seed=0), 20)
+  for key, value in (("max_bad_fraction", 1.5), ("bad_window", 0)):
+    with pytest.raises(ValueError, match=f"config.data.{key} must be"):
+      pipeline.train_iterator(make_cfg("half_bad", tmp_path, **{key: value}), batch_size=5,
+                              seed=0)
+
+
+def test_corrupt_chunk_is_skipped_and_counted_by_file(corrupt_digits):
+  data_dir, bad = corrupt_digits
+  cfg = make_cfg("digits", data_dir, randaugment="")
+  it = pipeline.train_iterator(cfg, batch_size=64, seed=3, with_index=True)
+  batches = take(it, 23)  # 1472 good rows: one epoch and a bit
+  assert all(b["image"].shape == (64, SIZE, SIZE, 3) for b in batches)
+  indices = np.concatenate([b["index"] for b in batches])
+  assert not bad & set(indices.tolist())
+  assert sorted(indices[:1437 - len(bad)]) == sorted(set(range(1437)) - bad)
+  stats = it.failures()
+  assert stats["failed"] == stats["unreadable"] >= len(bad) and stats["undecodable"] == 0
+  assert stats["by_file"] == {DIGITS_TRAIN_FILE: stats["failed"]}
+  cfg.max_bad_fraction = 0.0  # the first failure raises
+  with pytest.raises(pipeline.BadDataError) as e:
+    take(pipeline.train_iterator(cfg, batch_size=64, seed=3), 23)
+  msg, n = str(e.value), e.value.stats["failed"]  # those in the first batch with a failure
+  assert n >= 1 and e.value.stats["seen"] % 64 == 0
+  assert msg.startswith(f"digits split 'train': {n} of the last {e.value.stats['seen']} records "
+                        f"read failed, more than config.data.max_bad_fraction=0 of ")
+  assert f"{n} unreadable, 0 undecodable; by file: {DIGITS_TRAIN_FILE}: {n}; files in " in msg
+  assert "cannot be read (RuntimeError: Corrupted Riegeli/records file" in msg
 
 
 # ---------------------------------------------------------------------------------------------
@@ -571,3 +725,21 @@ def test_eval_masks_corrupt_records_and_keeps_batch_count(folder, caplog):
         assert m == (i >= 0 and b"bad" not in name)
   assert counts == [2, 2]  # 6 records -> 3 per process -> 2 batches of 2 each
   assert sum("does not decode" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_eval_masks_and_counts_unreadable_records(corrupt_digits):
+  data_dir, bad = corrupt_digits
+  cfg = make_cfg("digits", data_dir)
+  it = pipeline.eval_iterator(cfg, batch_size=100, split="train", with_index=True)
+  batches = list(it)
+  assert len(batches) == pipeline.num_eval_batches(cfg, batch_size=100, split="train") == 15
+  index = np.concatenate([b["index"] for b in batches])
+  mask = np.concatenate([b["mask"] for b in batches])
+  assert set(index[(index >= 0) & ~mask].tolist()) == bad
+  assert mask.sum() == 1437 - len(bad)
+  assert it.failures() == dict(dataset="digits", split="train", seen=1437, failed=len(bad),
+                               unreadable=len(bad), undecodable=0,
+                               by_file={DIGITS_TRAIN_FILE: len(bad)})
+  cfg.max_bad_fraction = 0.0
+  with pytest.raises(pipeline.BadDataError, match=f"digits split 'train'.*{DIGITS_TRAIN_FILE}"):
+    list(pipeline.eval_iterator(cfg, batch_size=100, split="train"))

@@ -14,7 +14,10 @@ arrays):
   download), scaled to 0..255 and stored as RGB PNG; a stratified 80/20 split with a fixed seed
   gives 1437 train / 360 validation examples.
 - image folders: root/<class>/*.{jpg,jpeg,png}, the original file bytes (no re-encode), split at
-  random per class, or root/{train,validation}/<class>/... when those directories exist.
+  random per class, or root/{train,validation}/<class>/... when those directories exist. Every
+  file is decoded first (transforms.decode, as the pipeline does): files that are not images
+  make the build fail, one line listing the first few and the count, before anything is
+  written; with skip_bad (--skip_bad) they are left out, with one warning line.
 Their features: image (encoded bytes, decoded as (H, W, 3) uint8), label (ClassLabel), file_name
 (path relative to the split's root). Neither is registered in TFDS' registry:
 `tfds.builder(name, data_dir=...)` and `tfds.data_source` find them from their files on disk.
@@ -30,8 +33,9 @@ indices, class names and example keys, so TFDS' own registered builder reads the
   image (32, 32, 3) PNG, label y % 10 (10 is digit 0), id "train_000000"; keys are indices.
 - `food101` 2.0.0 from food-101.tar.gz: image (the original JPEG bytes), label (TFDS' 101 names);
   splits train (meta/train.txt) and validation (meta/test.txt); keys are the image names
-  ("apple_pie/1005649"). The archive is read in place, one image at a time.
-Arrays are encoded as PNG with PIL (lossless; TFDS stores arrays as PNG too).
+  ("apple_pie/1005649"). The archive is read in place, one image at a time; each JPEG is decoded
+  as it is written, and the build fails (nothing is kept) listing the members that don't decode.
+Arrays are encoded as PNG with PIL (lossless; TFDS stores arrays as PNG too): nothing to check.
 """
 import contextlib
 import fcntl
@@ -47,12 +51,15 @@ import tensorflow_datasets as tfds
 from absl import app, flags, logging
 from etils import epath
 
+from adaptor_jax.data import transforms
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 DIGITS_NAME = "digits"
 DIGITS_SPLIT_SEED = 0
 DIGITS_VALIDATION_FRACTION = 0.2
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
 DEFAULT_VERSION = "1.0.0"  # of digits and image folders
+_BAD_NAMED = 5  # bad files named in a message
 
 
 def _features(class_names):
@@ -302,23 +309,72 @@ def check_name(name):
   raise ValueError(f"Dataset name {name!r} is a TFDS catalog dataset; choose another name.")
 
 
-def build_image_folder(root, data_dir, name, validation_fraction=0.1, seed=0, overwrite=False):
+def build_image_folder(root, data_dir, name, validation_fraction=0.1, seed=0, overwrite=False,
+                       skip_bad=False):
   """Prepares dataset `name` under `data_dir` from the image folder `root`; returns its builder.
 
   root/<class>/*.{jpg,jpeg,png} (any depth below the class directory) is split per class at
   random (`validation_fraction`, `seed`); when root/train/<class> and root/validation/<class>
   exist, those are the splits. Class names are the sorted class directory names; other files
-  are skipped; images are stored as their original bytes. An existing dataset of that name is
-  reused unless `overwrite`. Read it back with `tfds.data_source(name, data_dir=data_dir)` or
+  are skipped; images are stored as their original bytes. Every image is decoded first: one that
+  does not decode raises ValueError (naming the first few and the count; nothing is written),
+  or with `skip_bad` is left out with a warning. An existing dataset of that name is reused
+  unless `overwrite`. Read it back with `tfds.data_source(name, data_dir=data_dir)` or
   `pipeline.open_source` with `config.data.name = name`.
   """
   check_name(name)
   return _build_once(name, DEFAULT_VERSION, data_dir, overwrite, _write_image_folder, root, name,
-                     validation_fraction, seed)
+                     validation_fraction, seed, skip_bad)
 
 
-def _write_image_folder(data_dir, root, name, validation_fraction, seed):
-  class_names, examples = _folder_examples(os.path.expanduser(root), validation_fraction, seed)
+def _decode_error(data):
+  """None when `data` decodes as the pipeline decodes it, else the reason."""
+  try:
+    transforms.decode(data)
+  except ValueError as e:
+    return str(e)
+  return None
+
+
+def _bad_list(bad):
+  """"a (why), b, c ... and N more" of [(name, why)]: the first reason, the first names."""
+  named = [f"{bad[0][0]} ({bad[0][1]})"] + [n for n, _ in bad[1:_BAD_NAMED]]
+  more = len(bad) - _BAD_NAMED
+  return ", ".join(named) + (f" and {more} more" if more > 0 else "")
+
+
+def _checked_rows(root, examples, skip_bad):
+  """`examples` ({split: [(file_name, label, path)]}) without the files that don't decode.
+
+  Raises ValueError naming them unless `skip_bad` (then one warning line).
+  """
+  bad, total = [], 0
+  for rows in examples.values():
+    for _, _, path in rows:
+      total += 1
+      with open(path, "rb") as f:
+        why = _decode_error(f.read())
+      if why:
+        bad.append((os.path.relpath(path, root), why))
+  if not bad:
+    return examples
+  bad.sort()
+  what = f"Image folder {root}: {len(bad)} of {total} files do not decode as images: "
+  if not skip_bad:
+    raise ValueError(what + _bad_list(bad) + "; fix or remove them, or pass skip_bad=True "
+                     "(--skip_bad) to leave them out.")
+  logging.warning("%s%s; left out (skip_bad).", what, _bad_list(bad))
+  paths = {os.path.join(root, rel) for rel, _ in bad}
+  examples = {s: [r for r in rows if r[2] not in paths] for s, rows in examples.items()}
+  return {s: rows for s, rows in examples.items() if rows}
+
+
+def _write_image_folder(data_dir, root, name, validation_fraction, seed, skip_bad):
+  root = os.path.expanduser(os.fspath(root))
+  class_names, examples = _folder_examples(root, validation_fraction, seed)
+  examples = _checked_rows(root, examples, skip_bad)
+  if "train" not in examples:
+    raise ValueError(f"Image folder {root}: no train image decodes.")
   _write(name, data_dir, _features(class_names),
          {s: _file_examples(rows) for s, rows in examples.items()}, f"Image folder {root}.")
   logging.info("Built %s in %s from %s: %s", name, data_dir, root,
@@ -586,13 +642,24 @@ def _food101_rows(tar, members, class_names):
   return rows
 
 
-def _food101_examples(tar, rows):
+def _food101_examples(tar, split, rows):
   """TFDS' food101 examples, keyed by image name, the JPEG bytes as they are in the archive.
 
   Read in archive order, so a .tar.gz is decompressed once per split, one image at a time.
+  Each image is decoded; at the end of the split, ValueError names those that don't (the
+  build then keeps nothing).
   """
+  bad = []
   for image_name, label, member in sorted(rows, key=lambda row: row[2].offset_data):
-    yield image_name, {"image": tar.extractfile(member).read(), "label": label}
+    data = tar.extractfile(member).read()
+    why = _decode_error(data)
+    if why:
+      bad.append((member.name, why))
+    else:
+      yield image_name, {"image": data, "label": label}
+  if bad:
+    raise ValueError(f"{tar.name}: {len(bad)} of the {len(rows)} {split} images do not decode: "
+                     f"{_bad_list(bad)}.")
 
 
 def build_food101(source, data_dir=None, overwrite=False):
@@ -609,7 +676,7 @@ def _write_food101(data_dir, source):
   with _open_tar(source, "Food-101") as tar:
     rows = _food101_rows(tar, _members(tar), features["label"].names)
     _write(FOOD101_NAME, data_dir, features,
-           {s: _food101_examples(tar, split_rows) for s, split_rows in rows.items()},
+           {s: _food101_examples(tar, s, split_rows) for s, split_rows in rows.items()},
            f"Food-101 from {source}, as TFDS' food101.", FOOD101_VERSION)
   logging.info("Built %s in %s from %s: %s", FOOD101_NAME, data_dir, source,
                {s: len(split_rows) for s, split_rows in rows.items()})
@@ -635,6 +702,8 @@ def _define_flags():
                       "directory of train_32x32.mat, test_32x32.mat (, extra_32x32.mat); "
                       "food101: food-101.tar.gz.")
   flags.DEFINE_bool("overwrite", False, "All but digits: rebuild if it exists.")
+  flags.DEFINE_bool("skip_bad", False, "image_folder: leave out files that do not decode "
+                    "(default: refuse to build, naming them).")
 
 
 def main(argv):
@@ -646,7 +715,7 @@ def main(argv):
     if not f.root or not f.name:
       raise app.UsageError("--dataset=image_folder needs --root and --name")
     builder = build_image_folder(f.root, f.data_dir, f.name, f.validation_fraction, f.seed,
-                                 f.overwrite)
+                                 f.overwrite, f.skip_bad)
   elif f.dataset in CATALOG_BUILDERS:
     if not f.source:
       raise app.UsageError(f"--dataset={f.dataset} needs --source="

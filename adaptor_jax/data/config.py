@@ -33,4 +33,10 @@ def default_data_config():
       std=IMAGENET_STD,
       num_workers=8,                # grain worker processes per host; 0 = in the main process
       prefetch=2,                   # batches buffered per worker
+      # Records that cannot be read or decoded are skipped and counted; when more than
+      # max_bad_fraction of the last bad_window records read (per iterator) failed, the
+      # iterator raises pipeline.BadDataError. 0 = the first failure raises; a window of
+      # nothing but failures raises even at 1.
+      max_bad_fraction=0.02,
+      bad_window=10000,
   ))

@@ -12,8 +12,23 @@ Train stream. Position p of the global stream is record shuffle_e(p mod n) of ep
 (a fresh permutation every epoch, from config.seed); process k of K takes positions k, k+K, ...
 (disjoint); a record's augmentation draws from a generator seeded by (seed, epoch, record index).
 Batches are built inside the workers, batch j by worker j mod num_workers, so the stream is the
-same for any num_workers. Records whose image does not decode are dropped, counted and logged in
-the main process (the batch is topped up from the next one); nothing raises mid-run.
+same for any num_workers.
+
+Bad data. A record that cannot be read (its ArrayRecord chunk is corrupt, its file is missing or
+truncated) or whose image does not decode is skipped: train drops it (the batch is topped up from
+the next one), eval masks it out (mask False). Each row carries a failure code from the workers,
+so the main process counts every failure, by split and by shard file, whatever num_workers. It
+logs the first few failures one line each (dataset, split, record, file, record in that file,
+why), then one summary line every 1000 failures. When more than `max_bad_fraction` of the last
+`bad_window` records read failed (config.data; a window of nothing but failures always counts),
+the iterator raises `BadDataError` in the main process, one line naming the dataset, split,
+files and counts: an all-corrupt dataset stops after a few hundred records instead of spinning.
+Nothing else about bad data raises mid-run.
+
+Counts. Both iterators have `failures()`: a fresh dict of this iterator's counts since it was
+made (they are not part of its checkpoint state):
+  {"dataset": str, "split": str, "seen": records read, "failed": unreadable + undecodable,
+   "unreadable": int, "undecodable": int, "by_file": {shard file name: failures}}
 
 Checkpointing. `train_iterator` returns a grain `DatasetIterator`: `get_state()` is a JSON-able
 dict and `set_state(state)` continues with exactly the batches (order and augmentation) that
@@ -33,6 +48,8 @@ config, batch_size, seed, process index/count and num_workers (the state records
 position, so num_workers must match), and returns it. The state is captured synchronously
 inside `mngr.save`, also with async checkpointing.
 """
+import bisect
+import collections
 import math
 import os
 
@@ -41,11 +58,30 @@ import jax
 import numpy as np
 import tensorflow_datasets as tfds
 from absl import flags, logging
+from google.protobuf import message as proto_message
 
+from adaptor_jax import errors
 from adaptor_jax.data import builders, transforms
 from adaptor_jax.data.config import default_data_config  # noqa: F401 - the knobs of `cfg`
 
 _RANDOM_ACCESS_FORMATS = tfds.core.file_adapters.FileFormat.with_random_access()
+# What reading one record of a TFDS ArrayRecord source raises when its bytes are bad: the
+# array_record reader (C++, pybind11) turns every failed read (chunk or block hash mismatch,
+# truncated file, missing file) into RuntimeError; TFDS then parses the record's tf.train.Example
+# proto, which raises DecodeError on bytes that are no proto.
+_READ_ERRORS = (RuntimeError, proto_message.DecodeError)
+_OK, _UNREADABLE, _UNDECODABLE = 0, 1, 2  # a row's "fail" code
+_WARN_FIRST = 5     # failures logged one line each, then
+_WARN_EVERY = 1000  # one summary line every this many failures
+_FILES_NAMED = 5    # files named in messages, the most failed first
+
+
+class BadDataError(errors.UserError, RuntimeError):
+  """Too many records of a split failed to read or decode (config.data.max_bad_fraction)."""
+
+  def __init__(self, msg, stats=None):
+    super().__init__(msg)
+    self.stats = stats  # the iterator's failures() when it raised
 
 
 # ---------------------------------------------------------------------------------------------
@@ -136,12 +172,29 @@ def _derived_seed(seed, stream):
   return int(np.random.SeedSequence([int(seed) % 2**64, stream]).generate_state(1)[0])
 
 
-def _decoded(data):
-  """The decoded image, or None when the bytes are not an image (a corrupt record)."""
+def _read(source, record_index):
+  """(record, _OK) or (None, _UNREADABLE) when the source cannot read it."""
   try:
-    return transforms.decode(data)
+    return source[record_index], _OK
+  except _READ_ERRORS:
+    return None, _UNREADABLE
+
+
+def _decoded(record):
+  """(image, _OK) or (None, _UNDECODABLE) when the record's bytes are not an image."""
+  try:
+    return transforms.decode(record["image"]), _OK
   except ValueError:
-    return None
+    return None, _UNDECODABLE
+
+
+def _read_and_decode(source, record_index):
+  """(record or None, image or None, fail code) of one record."""
+  record, fail = _read(source, record_index)
+  if fail:
+    return None, None, fail
+  image, fail = _decoded(record)
+  return record, image, fail
 
 
 class _TrainRecord:
@@ -153,17 +206,16 @@ class _TrainRecord:
 
   def __call__(self, position, record_index):
     record_index = int(record_index)
-    record = self._source[record_index]
-    image = _decoded(record["image"])
-    valid = image is not None
-    if valid:
+    record, image, fail = _read_and_decode(self._source, record_index)
+    if fail:
+      image = self._blank
+    else:
       epoch = position // self._size
       rng = np.random.default_rng([int(self._seed) % 2**64, epoch, record_index])
       image = transforms.train_transform(image, rng, self._cfg)
-    else:
-      image = self._blank
-    return dict(image=image, label=np.int32(record["label"]), index=np.int32(record_index),
-                valid=np.bool_(valid), real=np.bool_(True))
+    label = 0 if record is None else record["label"]
+    return dict(image=image, label=np.int32(label), index=np.int32(record_index),
+                fail=np.int8(fail), real=np.bool_(True))
 
 
 class _EvalRecord:
@@ -178,41 +230,171 @@ class _EvalRecord:
   def __call__(self, position):
     record_index = self._process_index + position * self._process_count
     if record_index >= self._size:  # padding of the last batch
-      return dict(image=self._blank, label=np.int32(0), index=np.int32(-1), valid=np.bool_(True),
+      return dict(image=self._blank, label=np.int32(0), index=np.int32(-1), fail=np.int8(_OK),
                   real=np.bool_(False))
-    record = self._source[record_index]
-    image = _decoded(record["image"])
-    valid = image is not None
-    image = transforms.eval_transform(image, self._cfg) if valid else self._blank
-    return dict(image=image, label=np.int32(record["label"]), index=np.int32(record_index),
-                valid=np.bool_(valid), real=np.bool_(True))
+    record, image, fail = _read_and_decode(self._source, record_index)
+    image = self._blank if fail else transforms.eval_transform(image, self._cfg)
+    label = 0 if record is None else record["label"]
+    return dict(image=image, label=np.int32(label), index=np.int32(record_index),
+                fail=np.int8(fail), real=np.bool_(True))
 
 
 # ---------------------------------------------------------------------------------------------
 # Main-process steps
 
 
-class _DropCorrupt:
-  """Drops (train) or masks out (eval) rows whose image did not decode; counts and logs them."""
+class _Files:
+  """Record index of a split -> (shard file name, record number in that file)."""
 
-  def __init__(self, split, with_index, keep_rows):
-    self._split, self._with_index, self._keep_rows = split, with_index, keep_rows
-    self.skipped = 0
+  def __init__(self, source):
+    instructions = source.dataset_info.splits[source.split].file_instructions
+    self.names = [os.path.basename(os.fspath(fi.filename)) for fi in instructions]
+    self._skips = [fi.skip for fi in instructions]
+    self._starts = [0]
+    for fi in instructions[:-1]:
+      self._starts.append(self._starts[-1] + fi.take)
+
+  def locate(self, index):
+    i = bisect.bisect_right(self._starts, index) - 1
+    return self.names[i], self._skips[i] + index - self._starts[i]
+
+
+def _why(source, index):
+  """Why record `index` failed, read again here (the workers only send a code)."""
+  try:
+    record = source[index]
+  except _READ_ERRORS as e:
+    return f"cannot be read ({type(e).__name__}: {e})"
+  try:
+    transforms.decode(record["image"])
+  except ValueError as e:
+    return f"its image does not decode ({e})"
+  return "it failed in a worker but reads and decodes here"
+
+
+def _check_threshold(cfg):
+  """(max_bad_fraction, bad_window) of `cfg`, checked."""
+  fraction, window = float(cfg.max_bad_fraction), int(cfg.bad_window)
+  if not 0.0 <= fraction <= 1.0:
+    raise ValueError(f"config.data.max_bad_fraction must be in [0, 1], got {fraction}")
+  if window < 1:
+    raise ValueError(f"config.data.bad_window must be >= 1, got {window}")
+  return fraction, window
+
+
+class _Failures:
+  """Counts one split's failed records; logs them (rate-limited); raises BadDataError past the
+  threshold (more than max_bad_fraction of the last bad_window records read)."""
+
+  def __init__(self, cfg, split, source):
+    self._name, self._split, self._source = cfg.name, split, source
+    self._files = _Files(source)
+    self._where = source.dataset_info.data_dir
+    fraction, window = _check_threshold(cfg)
+    self._fraction, self._window = fraction, np.zeros(window, bool)
+    self._limit = min(math.floor(fraction * window), window - 1)
+    self._pos = self._in_window = 0
+    self.seen, self.by_code, self.by_file = 0, collections.Counter(), collections.Counter()
+    self._first = None  # "record i (file record j) <why>" of the first failure
+
+  def stats(self):
+    """This split's counts (the iterators' failures())."""
+    return dict(dataset=self._name, split=self._split, seen=self.seen,
+                failed=self.by_code[_UNREADABLE] + self.by_code[_UNDECODABLE],
+                unreadable=self.by_code[_UNREADABLE], undecodable=self.by_code[_UNDECODABLE],
+                by_file=dict(self.by_file))
+
+  def add(self, indices, fails):
+    """Counts one batch's real rows (record indices, fail codes); warns; raises past the limit."""
+    self.seen += len(fails)
+    self._slide(fails != _OK)
+    for index, fail in zip(indices[fails != _OK].tolist(), fails[fails != _OK].tolist()):
+      self.by_code[fail] += 1
+      self.by_file[self._files.locate(index)[0]] += 1
+      self._warn(index)
+    if self._in_window > self._limit:
+      stats = self.stats()
+      raise BadDataError(self._message(stats), stats)
+
+  def _slide(self, failed):
+    """Puts `failed` (bools, in order) into the window of the last bad_window records."""
+    failed = failed[-len(self._window):]
+    slots = (self._pos + np.arange(len(failed))) % len(self._window)
+    self._in_window += int(failed.sum()) - int(self._window[slots].sum())
+    self._window[slots] = failed
+    self._pos = (self._pos + len(failed)) % len(self._window)
+
+  def _record(self, index):
+    file_name, position = self._files.locate(index)
+    return f"record {index} ({file_name} record {position})"
+
+  def _counts(self, stats):
+    named = ", ".join(f"{f}: {n}" for f, n in self.by_file.most_common(_FILES_NAMED))
+    more = len(self.by_file) - _FILES_NAMED
+    named += f" and {more} more files" if more > 0 else ""
+    return (f"{stats['failed']} failed of {stats['seen']} read ({stats['unreadable']} unreadable, "
+            f"{stats['undecodable']} undecodable; by file: {named}; files in {self._where})")
+
+  def _warn(self, index):
+    failed = sum(self.by_code.values())
+    if failed <= _WARN_FIRST:
+      line = f"{self._record(index)}: {_why(self._source, index)}"
+      self._first = self._first or line
+      logging.warning("%s split %r: skipping %s (%d failed of %d read so far%s).", self._name,
+                      self._split, line, failed, self.seen,
+                      "; next, one summary every %d failures" % _WARN_EVERY
+                      if failed == _WARN_FIRST else "")
+    elif failed % _WARN_EVERY == 0:
+      logging.warning("%s split %r: %s so far.", self._name, self._split,
+                      self._counts(self.stats()))
+
+  def _message(self, stats):
+    return (f"{self._name} split {self._split!r}: {self._in_window} of the last "
+            f"{min(stats['seen'], len(self._window))} records read failed, more than "
+            f"config.data.max_bad_fraction={self._fraction:g} of bad_window="
+            f"{len(self._window)}; {self._counts(stats)}; first: {self._first}; fix or rebuild "
+            f"the dataset, or raise max_bad_fraction")
+
+
+class _DropCorrupt:
+  """Drops (train) or masks out (eval) rows that failed to read or decode; counts them."""
+
+  def __init__(self, failures, with_index, keep_rows):
+    self._failures, self._with_index, self._keep_rows = failures, with_index, keep_rows
 
   def __call__(self, batch):
-    corrupt = batch["real"] & ~batch["valid"]
-    for index in batch["index"][corrupt]:
-      self.skipped += 1
-      logging.warning("Skipping record %d of split %r: its image does not decode (%d skipped "
-                      "so far).", index, self._split, self.skipped)
+    real = batch["real"]
+    self._failures.add(batch["index"][real], batch["fail"][real])
+    corrupt = real & (batch["fail"] != _OK)
     out = dict(image=batch["image"], label=batch["label"])
     if self._with_index:
       out["index"] = batch["index"]
     if self._keep_rows:
-      out["mask"] = batch["real"] & batch["valid"]
+      out["mask"] = real & ~corrupt
     elif corrupt.any():
       out = {k: v[~corrupt] for k, v in out.items()}
     return out
+
+
+class _Iterator(grain.DatasetIterator):
+  """grain's iterator of the pipeline plus failures(): this split's counts (see module doc)."""
+
+  def __init__(self, parent, failures):
+    super().__init__(parent)
+    self._failures = failures
+
+  def __next__(self):
+    return next(self._parent)
+
+  def get_state(self):
+    return self._parent.get_state()
+
+  def set_state(self, state):
+    self._parent.set_state(state)
+
+  def failures(self):
+    """{"dataset", "split", "seen", "failed", "unreadable", "undecodable", "by_file"}."""
+    return self._failures.stats()
 
 
 def _to_iter(ds, cfg, max_workers=None):
@@ -253,6 +435,7 @@ def train_iterator(cfg, *, batch_size, seed, process_index=None, process_count=N
 
   Yields {"image": uint8 (batch_size, S, S, 3), "label": int32 (batch_size,)}, plus "index"
   (int32 record indices) when `with_index`. process_index / process_count default to JAX's.
+  Failed records are dropped and counted (`failures()`); BadDataError past the threshold.
   """
   batch_size = _check_batch_size(batch_size)
   process_index, process_count = _process(process_index, process_count)
@@ -264,10 +447,11 @@ def train_iterator(cfg, *, batch_size, seed, process_index=None, process_count=N
   ds = ds.map_with_index(_TrainRecord(source, cfg, seed, size))
   ds = ds[process_index::process_count].batch(batch_size, drop_remainder=True)
   ds = _to_iter(ds, cfg)
-  ds = ds.map(_DropCorrupt(cfg.train_split, with_index, keep_rows=False))
+  failures = _Failures(cfg, cfg.train_split, source)
+  ds = ds.map(_DropCorrupt(failures, with_index, keep_rows=False))  # raises past the threshold
   ds = ds.filter(lambda batch: len(batch["label"]) > 0)  # every row was corrupt
   ds = grain.experimental.RebatchIterDataset(ds, batch_size, drop_remainder=True)
-  return iter(ds)
+  return _Iterator(iter(ds), failures)
 
 
 def num_eval_batches(cfg, *, batch_size, split=None, process_count=None):
@@ -285,8 +469,8 @@ def eval_iterator(cfg, *, batch_size, split=None, process_index=None, process_co
   Yields {"image": uint8 (batch_size, S, S, 3), "label": int32, "mask": bool} (+ "index" when
   `with_index`, -1 on padding). Process k of K gets records k, k+K, ...; every process yields
   the same number of batches (num_eval_batches), the last ones padded (mask False), so each
-  record is seen exactly once over all processes. A record that does not decode is masked out
-  and logged.
+  record is seen exactly once over all processes. A record that cannot be read or does not
+  decode is masked out and counted (`failures()`); BadDataError past the threshold.
   """
   batch_size = _check_batch_size(batch_size)
   process_index, process_count = _process(process_index, process_count)
@@ -297,5 +481,6 @@ def eval_iterator(cfg, *, batch_size, split=None, process_index=None, process_co
   ds = grain.MapDataset.range(padded).map(_EvalRecord(source, cfg, process_index, process_count))
   # No more workers than batches: each would start (seconds) for nothing.
   ds = _to_iter(ds.batch(batch_size), cfg, max_workers=padded // batch_size)
-  ds = ds.map(_DropCorrupt(split, with_index, keep_rows=True))
-  return iter(ds)
+  failures = _Failures(cfg, split, source)
+  ds = ds.map(_DropCorrupt(failures, with_index, keep_rows=True))
+  return _Iterator(iter(ds), failures)
