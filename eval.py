@@ -9,7 +9,7 @@ import json
 from absl import app, flags
 from ml_collections import config_flags
 
-from adaptor_jax.training import hosts
+from adaptor_jax.training import cli, hosts
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file[:arg]; default: the "
                                           "checkpoint's own config.", lock_config=True)
@@ -30,4 +30,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(cli.main(main), flags_parser=cli.parse_flags)

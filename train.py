@@ -1,12 +1,13 @@
 """Trains a model: python train.py --config=configs/b2.py --workdir=DIR [--config.key=value ...].
 
-Resumes from the newest checkpoint in --workdir. On several hosts, run the same command on each
+Resumes from the newest checkpoint in --workdir. A bad flag, config key or value, checkpoint or
+dataset ends in one line naming it (cli.py), exit code 2 for flags, 1 for the others. On several hosts, run the same command on each
 (jax.distributed is initialised from the launcher's environment, or from the flags below).
 """
 from absl import app, flags
 from ml_collections import config_flags
 
-from adaptor_jax.training import hosts
+from adaptor_jax.training import cli, hosts
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file[:arg].",
                                           lock_config=True)
@@ -25,12 +26,9 @@ def main(argv):
   from adaptor_jax.training import config as config_lib  # noqa: PLC0415
   config_lib.validate(_CONFIG.value)  # a bad key or value stops here, before any compute
   hosts.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-  from adaptor_jax.training import init_from, loop  # noqa: PLC0415
-  try:
-    loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-  except init_from.InitFromError as e:  # a user's mismatch: one line, no traceback
-    raise SystemExit(f"train.py: {e}") from None
+  from adaptor_jax.training import loop  # noqa: PLC0415
+  loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(cli.main(main), flags_parser=cli.parse_flags)

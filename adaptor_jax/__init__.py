@@ -5,9 +5,9 @@ from adaptor_jax.models import create_model, list_models
 def load_model(path, *, ema=True, device=None):
   """(model, config) from a training workdir, a checkpoint step directory or a converted VMamba
   checkpoint, on this process's first device (or `device`), in eval mode, with the EMA weights
-  when the run kept them. See adaptor_jax.training.checkpoint.load_model."""
-  from adaptor_jax.training import checkpoint  # noqa: PLC0415 - keeps `import adaptor_jax` light
-  return checkpoint.load_model(path, ema=ema, device=device)
+  when the run kept them. See adaptor_jax.training.loader.load_model."""
+  from adaptor_jax.training import loader  # noqa: PLC0415 - keeps `import adaptor_jax` light
+  return loader.load_model(path, ema=ema, device=device)
 
 
 __all__ = ["create_model", "list_models", "load_model"]

@@ -37,3 +37,15 @@ def race_states(monkeypatch):
   monkeypatch.setattr(tpu_interpret, "RaceDetectionState", record)
   yield made
   assert not any(s.races_found for s in made), "the race detector reported a data race"
+
+
+@pytest.fixture(scope="session")
+def shared(tmp_path_factory, worker_id):
+  """A directory every xdist worker of this session sees (the session's temp root); with
+  train_cases.once, what one worker makes there serves them all."""
+  root = tmp_path_factory.getbasetemp()
+  if worker_id != "master":
+    root = root.parent
+  path = root / "training"
+  path.mkdir(exist_ok=True)
+  return path

@@ -40,17 +40,6 @@ TINY_STEPS = 132  # tests/configs/tiny.py: 3 epochs of 1437 // 32 = 44 steps
 
 
 @pytest.fixture(scope="session")
-def shared(tmp_path_factory, worker_id):
-  """A directory every xdist worker of this session sees (the session's temp root)."""
-  root = tmp_path_factory.getbasetemp()
-  if worker_id != "master":
-    root = root.parent
-  path = root / "training"
-  path.mkdir(exist_ok=True)
-  return path
-
-
-@pytest.fixture(scope="session")
 def data_dir(shared):
   from adaptor_jax.data import builders  # noqa: PLC0415
   builders.build_digits(str(shared / "tfds"))

@@ -19,8 +19,8 @@ import dataset_archives
 import train_cases as tc
 from adaptor_jax.convert import vmamba as cv
 from adaptor_jax.data import builders
-from adaptor_jax.training import (checkpoint, config as config_lib, init_from, optimizer,
-                                  sharding, steps)
+from adaptor_jax.training import (config as config_lib, init_from, loader, optimizer, sharding,
+                                  steps)
 
 TINY = os.path.join(tc.REPO, "tests", "configs", "transfer_tiny.py")
 SMALL = dict(dims=(16,), depths=(2,))
@@ -54,8 +54,8 @@ def _start_and_end(config, workdir):
   _, state, shardings = steps.create(config, config.num_classes, mesh, tx, made)
   os.makedirs(workdir / "replay", exist_ok=True)
   start = init_from.apply(state, shardings, config, str(workdir / "replay"))["params"]
-  directory, _ = checkpoint.params_dir(str(workdir), ema=False)
-  end = checkpoint.load_params(directory, state["params"], shardings["params"])
+  directory = loader.find(workdir, ema=False).params
+  end = loader.load_params(directory, state["params"], shardings["params"])
   mask = tc.flat(made[2]) if made[2] is not None else {k: True for k in tc.flat(start)}
   return tc.flat(start), tc.flat(end), mask
 
@@ -67,23 +67,31 @@ def _init(tmp, vmamba, method):
   return tmp / FROM_WORKDIR[method] if method in FROM_WORKDIR else vmamba
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-  """Every run once: {name: (exit code, stderr)}, with the paths they used."""
-  tmp = tmp_path_factory.mktemp("transfer")
-  data_dir = tmp / "tfds"
-  dataset_archives.write_cifar100(tmp / "cifar-100-python.tar.gz", np.random.default_rng(0),
-                                  fine=((3, 57, 99) * 16, (3, 57, 99) * 4))
-  builders.build_cifar100(str(tmp / "cifar-100-python.tar.gz"), str(data_dir))
-  vmamba, _ = tc.converted_vmamba(tmp, "vmamba", **SMALL)  # 1000 classes, as the official
-  other, _ = tc.converted_vmamba(tmp, "vmamba_wider", seed=1, **dict(SMALL, dims=(24,)))
-  out = dict(tmp=tmp, data_dir=data_dir, vmamba=vmamba)
-  out["booster"] = _train(tmp, "booster", tmp / "booster", data_dir, vmamba)
-  for method in sorted(METHODS, key=lambda m: m in FROM_WORKDIR):  # their sources first
-    out[method] = _train(tmp, f"cifar100,{method}", tmp / method, data_dir,
-                         _init(tmp, vmamba, method))
-  out["mismatch"] = _train(tmp, "cifar100,adaptor", tmp / "mismatch", data_dir, other)
-  return out
+@pytest.fixture(scope="session")
+def runs(shared):
+  """Every run, made once for all the session's workers: {name: (exit code, stderr)}, with the
+  paths they used."""
+  tmp = shared / "transfer"
+  out = dict(tmp=tmp, data_dir=tmp / "tfds", vmamba=tmp / "vmamba")
+  with tc.once(tmp) as first:
+    if first:
+      dataset_archives.write_cifar100(tmp / "cifar-100-python.tar.gz",
+                                      np.random.default_rng(0),
+                                      fine=((3, 57, 99) * 16, (3, 57, 99) * 4))
+      builders.build_cifar100(str(tmp / "cifar-100-python.tar.gz"), str(out["data_dir"]))
+      tc.converted_vmamba(tmp, "vmamba", **SMALL)  # 1000 classes, as the official ones
+      other, _ = tc.converted_vmamba(tmp, "vmamba_wider", seed=1, **dict(SMALL, dims=(24,)))
+      done = {"booster": _train(tmp, "booster", tmp / "booster", out["data_dir"],
+                                out["vmamba"])}
+      for method in sorted(METHODS, key=lambda m: m in FROM_WORKDIR):  # their sources first
+        done[method] = _train(tmp, f"cifar100,{method}", tmp / method, out["data_dir"],
+                              _init(tmp, out["vmamba"], method))
+      done["mismatch"] = _train(tmp, "cifar100,adaptor", tmp / "mismatch", out["data_dir"],
+                                other)
+      with open(tmp / "runs.json", "w") as f:
+        json.dump(done, f)
+  with open(tmp / "runs.json") as f:
+    return dict(out, **json.load(f))
 
 
 @pytest.mark.parametrize("method", ("booster",) + METHODS)

@@ -13,6 +13,8 @@ params, EMA, the logits below), OUT_DIR/sharded.json (losses, gradient norms, wh
 EMA and Adam moment lives), a checkpoint of the (2, 4) run in OUT_DIR/workdir, and the logits
 of a fixed input under the EMA and the raw params of that run, computed on the 8 devices.
 """
+import contextlib
+import fcntl
 import json
 import os
 import subprocess
@@ -61,6 +63,19 @@ def tiny_config(data_dir="", compile_cache="", **overrides):
   c.compile_cache = str(compile_cache)
   c.update(overrides)
   return c
+
+
+@contextlib.contextmanager
+def once(directory):
+  """Yields True to the first process (of a session's xdist workers) that gets here, which then
+  makes what `directory` is to hold; the others wait for it, then get False."""
+  os.makedirs(directory, exist_ok=True)
+  with open(os.path.join(directory, ".lock"), "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    first = not os.path.exists(os.path.join(directory, ".done"))
+    yield first
+    if first:
+      open(os.path.join(directory, ".done"), "w").close()
 
 
 def converted_vmamba(directory, name, *, num_classes=1000, seed=0, **overrides):

@@ -189,8 +189,8 @@ def main(argv):
       raise app.UsageError("--export needs --input=DIR and --checkpoint=OUT.pth|.npz")
     # --input: a converter output, a training workdir (its newest checkpoint; EMA params when
     # the run kept them) or a step directory: the notebook loader reads all three.
-    from adaptor_jax.training import checkpoint  # noqa: PLC0415 - the CLI's only use of it
-    model, _ = checkpoint.load_model(_INPUT.value)
+    from adaptor_jax.training import loader  # noqa: PLC0415 - the CLI's only use of it
+    model, _ = loader.load_model(_INPUT.value)
     if not isinstance(model, VSSM):
       raise SystemExit(f"--export: {_INPUT.value} holds a {type(model).__name__}, not a VMamba")
     if model.form != "none":

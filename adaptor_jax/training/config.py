@@ -12,6 +12,7 @@ refuses unknown keys and wrong types); `validate` checks the values, naming the 
 """
 import ml_collections
 
+from adaptor_jax import errors
 from adaptor_jax.data import config as data_config, transforms
 from adaptor_jax.models import common, registry, vmamba
 
@@ -52,6 +53,8 @@ def default_config():
   c.weight_decay = 0.05           # not on norms, biases, A_log, D, dt bias, gamma, tokens
   c.grad_clip = 5.0               # global norm; 0 disables
   c.ema_decay = 0.9999            # EMA of the params after every step; 0 disables
+  c.skip_nonfinite = 0            # steps with a non-finite loss or gradient norm skipped (no
+                                  # update) before the run halts; 0: halt at the first
   # Devices: a mesh of (data, fsdp); -1 takes the devices left over. FSDP shards params,
   # optimizer state and EMA over `fsdp`; the batch is split over both axes.
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
@@ -79,12 +82,16 @@ def vmamba_config(size, arg=None):
   return c
 
 
+class ConfigError(errors.UserError, ValueError):
+  """A bad config key or value; the message starts with config.KEY."""
+
+
 def _fail(key, why):
-  raise ValueError(f"config.{key}: {why}")
+  raise ConfigError(f"config.{key}: {why}")
 
 
 def validate(config):
-  """Raises ValueError naming the first bad key; returns the config."""
+  """Raises ConfigError (a ValueError) naming the first bad key; returns the config."""
   c = config
   known = set(default_config().keys())
   for key in c.keys():
@@ -118,7 +125,8 @@ def validate(config):
   for key in ("epochs", "lr"):
     if c[key] <= 0:
       _fail(key, f"must be > 0, got {c[key]}")
-  for key in ("warmup_epochs", "warmup_lr", "min_lr", "weight_decay", "grad_clip", "eval_every"):
+  for key in ("warmup_epochs", "warmup_lr", "min_lr", "weight_decay", "grad_clip", "eval_every",
+              "skip_nonfinite"):
     if c[key] < 0:
       _fail(key, f"must be >= 0, got {c[key]}")
   if c.warmup_epochs >= c.epochs:

@@ -19,15 +19,16 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from absl import logging
 
+from adaptor_jax import errors
 from adaptor_jax.models import registry
-from adaptor_jax.training import checkpoint
+from adaptor_jax.training import loader
 
 ADAPTORS = ("adaptor_t", "adaptor_s")   # path parts of the adaptors' params
 FORMS_WITH_NEW_ADAPTORS = ("booster", "adaptor")
 HEAD = "head"                           # the classifier's Linear (head_norm is loaded)
 
 
-class InitFromError(ValueError):
+class InitFromError(errors.UserError, ValueError):
   """config.init_from's checkpoint does not fit the model (the message names the params)."""
 
 
@@ -54,7 +55,7 @@ def saved_shapes(directory):
   """({param path: shape} of a params item, whether it has the converter's layout)."""
   with ocp.StandardCheckpointer() as ckptr:
     metadata = ckptr.metadata(directory).item_metadata
-  converted = checkpoint.converted_layout(metadata)
+  converted = loader.converted_layout(metadata)
   flat = _flat(metadata)
   if converted:  # nnx Variables: {"...": {"value": x}}
     flat = {path[:-len("/value")]: leaf for path, leaf in flat.items()}
@@ -128,8 +129,8 @@ def restore(directory, paths, abstract_params, shardings, converted):
 def apply(state, shardings, config, workdir):
   """The fresh train `state` with config.init_from's params in (EMA too); InitFromError."""
   try:
-    directory, _ = checkpoint.params_dir(config.init_from)
-  except FileNotFoundError as e:
+    directory = loader.find(config.init_from).params
+  except loader.NotACheckpoint as e:
     raise InitFromError(f"config.init_from: {e}") from None
   saved, converted = saved_shapes(directory)
   wanted = {path: tuple(a.shape) for path, a in _flat(state["params"]).items()}

@@ -9,9 +9,10 @@ import ml_collections
 from flax import nnx
 from absl import logging
 
+from adaptor_jax import errors
 from adaptor_jax.data import pipeline
-from adaptor_jax.training import (checkpoint, config as config_lib, init_from, optimizer,
-                                  sharding, steps)
+from adaptor_jax.training import (checkpoint, config as config_lib, init_from, loader,
+                                  optimizer, sharding, steps)
 from adaptor_jax.training.progress import Progress
 
 
@@ -34,13 +35,16 @@ def _per_process(global_batch):
   return global_batch // jax.process_count()
 
 
-def evaluate(eval_step, params_by_name, config, mesh, split=None):
+def evaluate(eval_step, params_by_name, config, mesh, split=None, stop=None):
   """Top-1/top-5 of each named params pytree ("raw", "ema") on `split` (default the eval split):
-  {name}_top1, {name}_top5, and top1/top5 of the EMA when given (else raw), n, images_per_s."""
+  {name}_top1, {name}_top5, and top1/top5 of the EMA when given (else raw), n, images_per_s.
+  None when `stop()` turns true between batches."""
   start = time.time()
   outs = {name: [] for name in params_by_name}  # fetched at the end: loading overlaps compute
   for batch in pipeline.eval_iterator(config.data, split=split,
                                       batch_size=_per_process(config.eval_batch_size)):
+    if stop is not None and stop():
+      return None
     batch = sharding.global_batch({k: batch[k] for k in ("image", "label", "mask")}, mesh)
     for name, params in params_by_name.items():
       outs[name].append(eval_step(params, batch))
@@ -58,23 +62,75 @@ def evaluate(eval_step, params_by_name, config, mesh, split=None):
   return result
 
 
+class _Terminated(Exception):
+  """Raised by the SIGTERM handler inside _StopSignal.interruptible."""
+
+
 class _StopSignal:
   """SIGTERM sets a flag the loop checks every step (single process; on several hosts the
-  preemption sync point of jax.distributed decides, so all hosts stop at the same step)."""
+  preemption sync point of jax.distributed decides, so all hosts stop at the same step).
+  While the loop waits for data (interruptible) it raises _Terminated instead, and an
+  evaluation checks the flag between batches, so a stall or a long eval ends within seconds."""
 
   def __init__(self):
-    self.stop = False
+    self.stop, self._waiting = False, False
     if jax.process_count() == 1:
       signal.signal(signal.SIGTERM, self._handle)
 
   def _handle(self, signum, frame):
     del signum, frame
     self.stop = True
+    if self._waiting:
+      raise _Terminated
+
+  def interruptible(self, fn):
+    self._waiting = True
+    try:
+      if self.stop:
+        raise _Terminated
+      return fn()
+    finally:
+      self._waiting = False
 
   def __call__(self, mngr, step):
     if jax.process_count() == 1:
       return self.stop
     return mngr.reached_preemption(step)
+
+
+class Diverged(errors.UserError):
+  """The loss or gradient norm was not finite (more often than config.skip_nonfinite allows)."""
+
+
+class _FiniteWatch:
+  """Checks each step's `finite` metric one step late, so the host never waits for the step it
+  has just dispatched; `flush()` checks what is pending (before any log, eval or save, so no
+  state after a non-finite step is ever saved). Past config.skip_nonfinite such steps it
+  raises Diverged naming the step and the values."""
+
+  def __init__(self, tolerated):
+    self.tolerated, self.skipped, self._pending = tolerated, 0, None
+
+  def __call__(self, step, metrics):
+    self.flush()
+    self._pending = (step, metrics)
+
+  def flush(self):
+    if self._pending is None:
+      return
+    (step, metrics), self._pending = self._pending, None
+    m = jax.device_get(metrics)
+    if m["finite"]:
+      return
+    self.skipped += 1
+    if self.skipped > self.tolerated:
+      tolerated = f" ({self.skipped} such steps; config.skip_nonfinite={self.tolerated})"
+      raise Diverged(f"step {step}: loss {float(m['loss'])}, gradient norm "
+                     f"{float(m['grad_norm'])}: not finite"
+                     f"{tolerated if self.tolerated else ''}; the run stops without saving "
+                     "this state; lower config.lr, or let config.skip_nonfinite skip such steps")
+    logging.warning("step %d: loss %s, gradient norm %s: not finite; skipped (%d of %d "
+                    "tolerated)", step, m["loss"], m["grad_norm"], self.skipped, self.tolerated)
 
 
 def train_and_evaluate(config, workdir):
@@ -109,8 +165,8 @@ def train_and_evaluate(config, workdir):
                                       seed=config.seed)
   mngr = checkpoint.manager(workdir, config)
   if mngr.latest_step() is not None:
-    state = checkpoint.restore(mngr, mngr.latest_step(), state, shardings, data_iter)
-    logging.info("resumed from step %d", mngr.latest_step())
+    state, resumed = checkpoint.restore_newest(mngr, state, shardings, data_iter)
+    logging.info("resumed from step %d", resumed)
   elif config.init_from:
     state = init_from.apply(state, shardings, config, workdir)
   train_step = steps.make_train_step(net, tx, config, num_classes, shardings, mesh)
@@ -123,48 +179,78 @@ def train_and_evaluate(config, workdir):
                 f"{steps_per_epoch} steps/epoch, {total_steps} steps, mesh {dict(mesh.shape)}, "
                 f"from step {step}")
   stop_signal = _StopSignal()
-  metrics, result = None, {}
-  while step < last_step:
-    batch = sharding.global_batch(next(data_iter), mesh)
-    state, metrics = train_step(state, batch)
-    step += 1
-    if step == start + 1:  # rates and ETA count from the end of the first (compiling) step
-      jax.block_until_ready(metrics)
-      progress.restart(step)
-    if step % config.log_every == 0 or step == last_step:
-      progress.train(step, jax.device_get(metrics), float(lr_at(step - 1)))
-    evaluate_now = step % eval_every == 0 or step == last_step
-    if evaluate_now:
-      params = {"raw": state["params"]}
-      if state["ema"] is not None:
-        params["ema"] = state["ema"]
-      result = evaluate(eval_step, params, config, mesh)
-      progress.scalars(step, result, prefix="eval/")
-      progress.line(f"eval at step {step}: " + json.dumps(result))
-    stopping = stop_signal(mngr, step)
-    if evaluate_now or step % config.checkpoint_every == 0 or stopping:
-      checkpoint.save(mngr, state, data_iter, config, metrics=result if evaluate_now else None)
-    if stopping:
-      progress.line(f"stopping at step {step} on a termination signal; checkpoint saved")
-      break
-  mngr.wait_until_finished()
-  mngr.close()
-  progress.close()
+  watch = _FiniteWatch(config.skip_nonfinite)
+  result = {}
+  try:
+    while step < last_step:
+      batch = sharding.global_batch(stop_signal.interruptible(lambda: next(data_iter)), mesh)
+      state, metrics = train_step(state, batch)
+      step += 1
+      watch(step, metrics)  # checks the previous step
+      if step == start + 1:  # rates and ETA count from the end of the first (compiling) step
+        jax.block_until_ready(metrics)
+        progress.restart(step)
+      if step % config.log_every == 0 or step == last_step:
+        watch.flush()
+        progress.train(step, dict(jax.device_get(metrics), nonfinite_skipped=watch.skipped,
+                                  bad_records=data_iter.failures()["failed"]),
+                       float(lr_at(step - 1)))
+      evaluate_now = step % eval_every == 0 or step == last_step
+      if evaluate_now:
+        watch.flush()
+        params = {"raw": state["params"]}
+        if state["ema"] is not None:
+          params["ema"] = state["ema"]
+        result = evaluate(eval_step, params, config, mesh, stop=lambda: stop_signal.stop)
+        if result is None:  # stopped by a termination signal: no metrics for this step
+          evaluate_now, result = False, {}
+        else:
+          progress.scalars(step, result, prefix="eval/")
+          progress.line(f"eval at step {step}: " + json.dumps(result))
+      stopping = stop_signal(mngr, step)
+      if evaluate_now or step % config.checkpoint_every == 0 or stopping:
+        watch.flush()  # never a state after a non-finite step
+        checkpoint.save(mngr, state, data_iter, config, metrics=result if evaluate_now else None)
+      if stopping:
+        progress.line(f"stopping at step {step} on a termination signal; checkpoint saved")
+        break
+  except _Terminated:
+    progress.line(f"stopping after step {step} on a termination signal while waiting for data; "
+                  f"not saved (the data iterator was mid-batch); the newest checkpoint is step "
+                  f"{mngr.latest_step()}")
+  except Diverged as e:
+    mngr.wait_until_finished()  # the good saves in flight complete; the keep rule keeps them
+    raise Diverged(f"{e}; the newest checkpoint, kept, is step {mngr.latest_step()}") from None
+  finally:
+    mngr.wait_until_finished()
+    mngr.close()
+    progress.close()
+    data_iter.close()  # its worker processes
   return result
 
 
 def evaluate_checkpoint(path, config=None, split=None):
   """evaluate() of the newest checkpoint in a workdir (or of a step directory), EMA and raw,
   sharded like training; `config` defaults to the checkpoint's own."""
-  config = setup(checkpoint.read_config(path) if config is None else config)
+  found = loader.find(path)
+  if found.kind == "converted":
+    raise loader.NotACheckpoint(f"{found.path} is a converted checkpoint, not a run: evaluate "
+                                "it with load_model, or train from it with config.init_from")
+  config = setup(loader.read_config(found) if config is None else config)
   mesh = sharding.make_mesh(config.mesh)
   net, abstract_params, _ = steps.make_net(config, config.num_classes)
   shardings = steps.param_shardings(abstract_params, mesh)
   abstract_params = nnx.to_pure_dict(abstract_params)
-  params = {}
-  for name, ema in (("raw", False), ("ema", True)):
-    directory, _ = checkpoint.params_dir(path, ema=ema)
-    if name == "raw" or os.path.basename(directory) == "ema":
-      params[name] = checkpoint.load_params(directory, abstract_params, shardings)
+  params = {"raw": loader.load_params(loader.find(path, ema=False).params, abstract_params,
+                                      shardings)}
+  if found.ema:
+    params["ema"] = loader.load_params(found.params, abstract_params, shardings)
+  for name, tree in params.items():
+    bad = [k for k, a in jax.tree_util.tree_flatten_with_path(tree)[0]
+           if not bool(jax.numpy.isfinite(a).all())]
+    if bad:
+      raise checkpoint.Damaged(f"{path}: {len(bad)} of the {name} params are not finite (e.g. "
+                               f"{jax.tree_util.keystr(bad[0])}): a diverged run's checkpoint; "
+                               "evaluate an earlier step directory")
   eval_step = steps.make_eval_step(net, config, shardings, mesh)
   return evaluate(eval_step, params, config, mesh, split)

@@ -38,6 +38,10 @@ class Progress:
     self._t, self._step = now, step
     line = (f"step {step}/{self.total} | loss {metrics['loss']:.4f} | lr {lr:.3e} | "
             f"{rate:.1f} img/s | {rate / jax.device_count():.1f} img/s/device | ETA {eta}")
+    if metrics.get("bad_records"):  # skipped by the input pipeline (pipeline.failures())
+      line += f" | {metrics['bad_records']} bad records skipped"
+    if metrics.get("nonfinite_skipped"):
+      line += f" | {metrics['nonfinite_skipped']} non-finite steps skipped"
     self.scalars(step, dict(metrics, lr=lr, images_per_s=rate), prefix="train/")
     self.line(line)
 

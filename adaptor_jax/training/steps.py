@@ -158,7 +158,9 @@ def abstract_state(config, num_classes, mesh, tx, made=None):
 
 def make_train_step(net, tx, config, num_classes, shardings, mesh):
   """jit(train_step)(state, batch) -> (state, metrics); batch {"image": uint8, "label": int32}
-  split over the mesh's batch axes; the state is donated."""
+  split over the mesh's batch axes; the state is donated. metrics: loss, grad_norm (before
+  clipping) and finite (both finite); with config.skip_nonfinite a non-finite step leaves
+  params, optimizer state and EMA as they were."""
   accum = config.grad_accum
 
   def grad_fn(params, x, targets, key):
@@ -195,8 +197,14 @@ def make_train_step(net, tx, config, num_classes, shardings, mesh):
     if ema is not None:
       d = config.ema_decay
       ema = jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, ema, params)
-    new = dict(step=state["step"] + 1, params=params, opt=opt, ema=ema)
-    return new, dict(loss=loss, grad_norm=optax.global_norm(grads))
+    grad_norm = optax.global_norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    new = dict(params=params, opt=opt, ema=ema)
+    if config.skip_nonfinite:  # such a step changes nothing but the step count
+      old = {k: state[k] for k in new}
+      new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    new = dict(new, step=state["step"] + 1)
+    return new, dict(loss=loss, grad_norm=grad_norm, finite=finite)
 
   batch_shardings = sharding.batch_sharding(mesh)
   return jax.jit(sharding.on_mesh(train_step, mesh), in_shardings=(shardings, batch_shardings),

@@ -1,0 +1,123 @@
+"""Checkpoints read outside a run: what a path holds (`find`), its config, its params, and
+`load_model` for notebooks, eval.py, init_from and the converter's export.
+
+A path is one of
+  workdir    a training workdir (has checkpoints/): its newest checkpoint
+  step       a checkpoint step directory (has params/ and config/)
+  converted  a converter's output (has model.json and params/, nnx Variables)
+`find` says which, and which params item to read (the EMA when asked for and kept).
+"""
+import dataclasses
+import json
+import os
+
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from adaptor_jax import errors
+from adaptor_jax.models import registry
+from adaptor_jax.training import checkpoint, config as config_lib, steps
+
+
+class NotACheckpoint(errors.UserError, FileNotFoundError):
+  """The path is not a workdir, a step directory or a converted checkpoint (or has none yet)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Found:
+  """What `find` found at a path."""
+  kind: str            # "workdir", "step" or "converted"
+  path: str            # the path given, absolute
+  step_dir: str        # the checkpoint step directory ("" for a converted checkpoint)
+  params: str          # the params item to read
+  ema: bool            # whether `params` is the EMA item
+
+
+def find(path, ema=True):
+  """Found of `path`; NotACheckpoint when it is none of the three (or a workdir has no step)."""
+  path = os.path.abspath(os.path.expanduser(os.fspath(path)))
+  if os.path.exists(os.path.join(path, "model.json")):
+    return Found("converted", path, "", os.path.join(path, "params"), False)
+  if os.path.isdir(os.path.join(path, "checkpoints")):
+    kind, step_dir = "workdir", _latest_step_dir(path)
+  elif os.path.isdir(os.path.join(path, "params")) and os.path.isdir(os.path.join(path, "config")):
+    kind, step_dir = "step", path
+  else:
+    raise NotACheckpoint(
+        f"{path}: not a training workdir (with checkpoints/), a checkpoint step directory (with "
+        "params/ and config/), or a converted checkpoint (with model.json)")
+  use_ema = ema and os.path.isdir(os.path.join(step_dir, "ema"))
+  return Found(kind, path, step_dir, os.path.join(step_dir, "ema" if use_ema else "params"),
+               use_ema)
+
+
+def _latest_step_dir(workdir):
+  with checkpoint.manager(workdir, read_only=True) as mngr:
+    step = mngr.latest_step()
+  if step is None:
+    raise NotACheckpoint(f"{workdir}: no checkpoint under checkpoints/ yet")
+  return os.path.join(workdir, "checkpoints", str(step))
+
+
+def read_config(found):
+  """The run config of a Found (workdir or step); knobs added since the run was saved take their
+  defaults (config.default_config). A converted checkpoint's is its model.json."""
+  if found.kind == "converted":
+    with open(os.path.join(found.path, "model.json")) as f:
+      return ml_collections.ConfigDict(json.load(f))
+  path = os.path.join(found.step_dir, "config", "metadata")
+  with checkpoint.reading(path):
+    with open(path) as f:
+      saved = json.load(f)
+  config = config_lib.default_config()
+  config.update(saved)
+  return config
+
+
+def load_params(directory, abstract_params, shardings):
+  """The params saved in `directory` (an item of ours or a converter's `params`) as a pure dict
+  placed in `shardings`; `abstract_params` is the pure-dict structure to expect. Damaged names
+  the directory when it cannot be read."""
+  placed = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        abstract_params, shardings)
+  with ocp.StandardCheckpointer() as ckptr, checkpoint.reading(directory):
+    saved = ckptr.metadata(directory).item_metadata
+    if converted_layout(saved):  # the converter saved nnx Variables: {"...": {"value": x}}
+      target = jax.tree.map(lambda a: {"value": a}, placed)
+      return jax.tree.map(lambda d: d["value"], ckptr.restore(directory, target),
+                          is_leaf=lambda d: isinstance(d, dict) and set(d) == {"value"})
+    return ckptr.restore(directory, placed)
+
+
+def converted_layout(tree):
+  """Whether a params tree (or its metadata) has the converter's {"...": {"value": x}} leaves."""
+  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return bool(leaves) and all(str(getattr(p[-1], "key", "")) == "value" for p, _ in leaves)
+
+
+def load_model(path, *, ema=True, device=None):
+  """(model, config) from a workdir, a checkpoint step directory or a converted checkpoint.
+
+  The model is in eval mode with the EMA weights when the run kept them (ema=False: the raw
+  ones), on `device` (default: this process's first device), whatever devices and sharding
+  the checkpoint was saved from. For a converted checkpoint, config has `model`/`num_classes`.
+  """
+  device = device or jax.local_devices()[0]
+  found = find(path, ema)
+  config = read_config(found)
+  if found.kind == "converted":
+    model = nnx.eval_shape(lambda: registry.create_model(
+        config.model, num_classes=config.num_classes, rngs=nnx.Rngs(0)))
+    graphdef, abstract_params, rest = nnx.split(model, nnx.Param, ...)
+    net = steps.Net(graphdef, steps.placeholders(rest))
+  else:
+    net, abstract_params, _ = steps.make_net(config, config.num_classes)
+  abstract_params = nnx.to_pure_dict(abstract_params)
+  single = jax.sharding.SingleDeviceSharding(device)
+  params = load_params(found.params, abstract_params,
+                       jax.tree.map(lambda _: single, abstract_params))
+  model = nnx.merge(net.graphdef, params, jax.device_put(net.rest, device))
+  model.eval()
+  return model, config
