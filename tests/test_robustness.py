@@ -191,3 +191,22 @@ def test_kill_9_during_saves_then_resume_equals_an_uninterrupted_run(run6, tmp_p
                      "--config.keep=2")
   assert code == 0, err[-3000:]
   assert tc.train_losses(tc.read_metrics(workdir)) == tc.train_losses(tc.read_metrics(run6))
+
+
+def test_sigterm_during_an_evaluation_saves_and_stops(tmp_path, robust_data):
+  """The final evaluation (eval batch 8: 45 batches of two params sets) is cut short by
+  SIGTERM: the run saves its good state, reports no evaluation and exits 0."""
+  workdir = tmp_path / "w"
+  cmd = _cmd(workdir, robust_data, "--config.max_steps=2", "--config.eval_batch_size=8")
+  proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                          cwd=tc.REPO, env=tc.env())
+  lines = []
+  for line in proc.stdout:
+    lines.append(line)
+    if line.startswith("step 2/"):  # the last step is logged just before the evaluation
+      proc.send_signal(signal.SIGTERM)
+  assert proc.wait(timeout=120) == 0, "".join(lines)[-3000:]
+  out = "".join(lines)
+  assert "stopping at step 2 on a termination signal; checkpoint saved" in out, out[-3000:]
+  assert "eval at step 2" not in out
+  assert sorted(os.listdir(workdir / "checkpoints")) == ["2"]
