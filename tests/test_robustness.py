@@ -47,14 +47,14 @@ def robust_data(shared):
 
 
 @pytest.fixture(scope="session")
-def run6(shared, robust_data):
-  """A tiny run of 6 steps with checkpoints at 2, 4 and 6 (all kept), made once for all the
+def run8(shared, robust_data):
+  """A tiny run of 8 steps with checkpoints at 2, 4, 6 and 8 (all kept), made once for all the
   session's workers."""
-  workdir = shared / "robust" / "run6"
-  with tc.once(shared / "robust" / "run6_made") as first:
+  workdir = shared / "robust" / "run8"
+  with tc.once(shared / "robust" / "run8_made") as first:
     if first:
       shutil.rmtree(workdir, ignore_errors=True)
-      code, err = _train(workdir, robust_data, "--config.max_steps=6",
+      code, err = _train(workdir, robust_data, "--config.max_steps=8",
                          "--config.checkpoint_every=2", "--config.keep=5")
       assert code == 0, err[-3000:]
   return workdir
@@ -79,9 +79,9 @@ def test_skip_nonfinite_skips_then_halts(tmp_path, robust_data):
   assert err.count("not finite; skipped") == 2
 
 
-def _damage(workdir, how):
-  step6 = workdir / "checkpoints" / "6"
-  chunks = sorted((step6 / "params" / "ocdbt.process_0" / "d").iterdir(),
+def _damage(step_dir, how):
+  """Damages one item of a checkpoint step the way files get damaged; returns the item."""
+  chunks = sorted((step_dir / "params" / "ocdbt.process_0" / "d").iterdir(),
                   key=lambda p: -p.stat().st_size)
   if how == "delete":
     chunks[0].unlink()
@@ -89,31 +89,33 @@ def _damage(workdir, how):
     with open(chunks[0], "r+b") as f:
       f.truncate(chunks[0].stat().st_size // 2)
   else:  # the data iterator's state
-    (step6 / "data" / "process_0-of-1.json").write_text("")
+    (step_dir / "data" / "process_0-of-1.json").write_text("")
   return "data" if how == "empty_json" else "params"
 
 
-@pytest.mark.parametrize("how", ["delete", "truncate", "empty_json"])
-def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(run6, tmp_path, robust_data, how):
+def test_damaged_checkpoints_fall_back_to_the_newest_readable_one(run8, tmp_path, robust_data):
+  """Steps 8, 6 and 4 damaged three ways (a chunk file deleted, one truncated to half, the data
+  iterator's JSON emptied): one restart names each, sets them aside, resumes from 2, and its
+  losses equal the uninterrupted run's."""
   workdir = tmp_path / "w"
-  shutil.copytree(run6, workdir)
-  item = _damage(workdir, how)
+  shutil.copytree(run8, workdir)
+  items = {step: _damage(workdir / "checkpoints" / str(step), how)
+           for step, how in ((8, "delete"), (6, "truncate"), (4, "empty_json"))}
   code, err = _train(workdir, robust_data, "--config.max_steps=8", "--config.checkpoint_every=2",
                      "--config.keep=5")
   assert code == 0, err[-3000:]
-  assert f"checkpoint {workdir}/checkpoints/6/{item} cannot be read" in err
-  assert "resumed from step 4" in err
-  assert sorted(os.listdir(workdir / "checkpoints")) == ["2", "4", "6", "6.damaged", "8"]
-  # resumed from 4: the same losses as the uninterrupted run for steps 5 and 6
-  before = tc.train_losses(tc.read_metrics(run6))
-  after = tc.train_losses(tc.read_metrics(workdir))
-  assert [after[s] for s in (5, 6)] == [before[s] for s in (5, 6)]
+  for step, item in items.items():
+    assert f"checkpoint {workdir}/checkpoints/{step}/{item} cannot be read" in err, step
+  assert "resumed from step 2" in err
+  assert sorted(os.listdir(workdir / "checkpoints")) == [
+      "2", "4", "4.damaged", "6", "6.damaged", "8", "8.damaged"]
+  assert tc.train_losses(tc.read_metrics(workdir)) == tc.train_losses(tc.read_metrics(run8))
 
 
-def test_no_readable_checkpoint_stops_in_one_line(run6, tmp_path, robust_data):
+def test_no_readable_checkpoint_stops_in_one_line(run8, tmp_path, robust_data):
   workdir = tmp_path / "w"
-  shutil.copytree(run6, workdir)
-  for step in ("2", "4", "6"):
+  shutil.copytree(run8, workdir)
+  for step in ("2", "4", "6", "8"):
     (workdir / "checkpoints" / step / "data" / "process_0-of-1.json").write_text("{")
   code, err = _train(workdir, robust_data, "--config.max_steps=8")
   assert code == 1 and "Traceback" not in err, err[-3000:]
@@ -121,20 +123,20 @@ def test_no_readable_checkpoint_stops_in_one_line(run6, tmp_path, robust_data):
                                     "read: checkpoint"), _last_line(err)
 
 
-def test_eval_names_the_damaged_file(run6, tmp_path):
+def test_eval_names_the_damaged_file(run8, tmp_path):
   workdir = tmp_path / "w"
-  shutil.copytree(run6, workdir)
-  (workdir / "checkpoints" / "6" / "config" / "metadata").write_text("{")
+  shutil.copytree(run8, workdir)
+  (workdir / "checkpoints" / "8" / "config" / "metadata").write_text("{")
   done = subprocess.run([sys.executable, os.path.join(tc.REPO, "eval.py"),
                          f"--workdir={workdir}"], capture_output=True, text=True, env=tc.env(),
                         check=False)
   assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-3000:]
   assert _last_line(done.stderr).startswith(
-      f"eval.py: checkpoint {workdir}/checkpoints/6/config/metadata cannot be read"
+      f"eval.py: checkpoint {workdir}/checkpoints/8/config/metadata cannot be read"
       " (JSONDecodeError"), _last_line(done.stderr)
 
 
-def test_eval_refuses_non_finite_params(run6, tmp_path, monkeypatch):
+def test_eval_refuses_non_finite_params(run8, tmp_path, monkeypatch):
   load = loader.load_params
 
   def poisoned(directory, abstract, shardings):
@@ -143,7 +145,7 @@ def test_eval_refuses_non_finite_params(run6, tmp_path, monkeypatch):
 
   monkeypatch.setattr(loader, "load_params", poisoned)
   with pytest.raises(checkpoint.Damaged, match=r"params are not finite .*a diverged run"):
-    loop.evaluate_checkpoint(str(run6))
+    loop.evaluate_checkpoint(str(run8))
 
 
 @pytest.mark.parametrize("flag,code,message", [
@@ -171,7 +173,7 @@ def test_sigterm_ends_a_data_wait():
   signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
-def test_kill_9_during_saves_then_resume_equals_an_uninterrupted_run(run6, tmp_path, robust_data):
+def test_kill_9_during_saves_then_resume_equals_an_uninterrupted_run(run8, tmp_path, robust_data):
   """Saves are atomic (orbax writes a step under a temporary name, then renames it): a run
   killed while it saves every step resumes from its newest complete step, and its losses
   equal the uninterrupted run's."""
@@ -190,7 +192,8 @@ def test_kill_9_during_saves_then_resume_equals_an_uninterrupted_run(run6, tmp_p
   code, err = _train(workdir, robust_data, "--config.max_steps=6", "--config.checkpoint_every=1",
                      "--config.keep=2")
   assert code == 0, err[-3000:]
-  assert tc.train_losses(tc.read_metrics(workdir)) == tc.train_losses(tc.read_metrics(run6))
+  uninterrupted = tc.train_losses(tc.read_metrics(run8))
+  assert tc.train_losses(tc.read_metrics(workdir)) == {s: uninterrupted[s] for s in range(1, 7)}
 
 
 def test_sigterm_during_an_evaluation_saves_and_stops(tmp_path, robust_data):
