@@ -214,6 +214,8 @@ def _set(path, value):
     (_set("mesh.model", 2), "mesh.model"),
     (_set("data.decoder", "pil"), "data.decoder"),
     (_set("data.name", ""), "data.name"),
+    (_set("data.max_bad_fraction", 1.5), "data.max_bad_fraction"),
+    (_set("data.bad_window", 0), "data.bad_window"),
     (_set("data.image_size", 4), "data.image_size"),
     (_set("data.crop_pct", 1.5), "data.crop_pct"),
     (_set("data.scale", (0.5, 1.5)), "data.scale"),

@@ -56,12 +56,12 @@ def restore(mngr, step, abstract_state, shardings, data_iter):
   """The state saved at `step`, placed in `shardings`; `data_iter` continues where it was.
   Raises Damaged naming the item (directory) that cannot be read."""
   items = dict(
-      params=ocp.args.StandardRestore(_placed(abstract_state["params"], shardings["params"])),
-      opt=ocp.args.StandardRestore(_placed(dict(step=abstract_state["step"],
+      params=ocp.args.StandardRestore(placed(abstract_state["params"], shardings["params"])),
+      opt=ocp.args.StandardRestore(placed(dict(step=abstract_state["step"],
                                                 opt=abstract_state["opt"]),
                                            dict(step=shardings["step"], opt=shardings["opt"]))))
   if abstract_state["ema"] is not None:
-    items["ema"] = ocp.args.StandardRestore(_placed(abstract_state["ema"], shardings["ema"]))
+    items["ema"] = ocp.args.StandardRestore(placed(abstract_state["ema"], shardings["ema"]))
   items["data"] = grain.checkpoint.CheckpointRestore(data_iter)  # last: only a readable step
   got = {}                                                      # moves the iterator
   for name, args in items.items():  # one by one, so a failure names its item
@@ -120,6 +120,7 @@ def reading(path):
     raise Damaged(f"checkpoint {path} cannot be read ({type(e).__name__}: {first[:300]})") from e
 
 
-def _placed(abstract, shardings):
+def placed(abstract, shardings):
+  """ShapeDtypeStructs of `abstract` carrying `shardings` (what a restore places into)."""
   return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                       abstract, shardings)

@@ -168,6 +168,10 @@ def _validate_data(d):
   for key in ("hflip", "reprob", "mixup_switch_prob", "label_smoothing"):
     if not 0 <= d[key] <= 1:
       _fail(f"data.{key}", f"must be in [0, 1], got {d[key]}")
+  if not 0 <= d.max_bad_fraction <= 1:
+    _fail("data.max_bad_fraction", f"must be in [0, 1], got {d.max_bad_fraction}")
+  if d.bad_window < 1:
+    _fail("data.bad_window", f"must be >= 1, got {d.bad_window}")
   for key in ("mixup", "cutmix", "num_workers", "prefetch"):
     if d[key] < 0:
       _fail(f"data.{key}", f"must be >= 0, got {d[key]}")

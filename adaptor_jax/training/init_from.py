@@ -21,7 +21,7 @@ from absl import logging
 
 from adaptor_jax import errors
 from adaptor_jax.models import registry
-from adaptor_jax.training import loader
+from adaptor_jax.training import checkpoint, loader
 
 ADAPTORS = ("adaptor_t", "adaptor_s")   # path parts of the adaptors' params
 FORMS_WITH_NEW_ADAPTORS = ("booster", "adaptor")
@@ -113,9 +113,7 @@ def _subtree(tree, keep):
 
 def restore(directory, paths, abstract_params, shardings, converted):
   """{path: array} of `paths` read from the params item `directory`, placed in `shardings`."""
-  placed = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, jnp.float32, sharding=s),
-                        abstract_params, shardings)
-  target = _subtree(placed, set(paths))
+  target = _subtree(checkpoint.placed(abstract_params, shardings), set(paths))
   if converted:
     target = jax.tree.map(lambda a: {"value": a}, target)
   with ocp.PyTreeCheckpointer() as ckptr:

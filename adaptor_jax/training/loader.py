@@ -80,8 +80,7 @@ def load_params(directory, abstract_params, shardings):
   """The params saved in `directory` (an item of ours or a converter's `params`) as a pure dict
   placed in `shardings`; `abstract_params` is the pure-dict structure to expect. Damaged names
   the directory when it cannot be read."""
-  placed = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                        abstract_params, shardings)
+  placed = checkpoint.placed(abstract_params, shardings)
   with ocp.StandardCheckpointer() as ckptr, checkpoint.reading(directory):
     saved = ckptr.metadata(directory).item_metadata
     if converted_layout(saved):  # the converter saved nnx Variables: {"...": {"value": x}}
