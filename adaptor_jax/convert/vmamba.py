@@ -7,29 +7,26 @@ step directory; a model with adaptors cannot be exported (the official layout ha
 FILE is a torch checkpoint holding the state dict under --key ("model" or "model_ema"), or a bare
 state dict; a .npz of the same keys also works and needs no torch (torch is the `convert` extra).
 The adaptor_vmamba_* presets take the VMamba weights and keep their adaptors as the booster form
-initialises them. DIR is an orbax checkpoint of the params plus `model.json` naming the preset.
+initialises them. DIR is an orbax checkpoint of the params plus `model.json` naming the preset
+(the machinery every importer shares is in state_dict.py).
 
 Layout: PyTorch Linear weights are (out, in), ours (in, out); conv weights (out, in, kh, kw), ours
 (kh, kw, in, out); the per-route SS2D tensors stack the 4 routes first in both (A_logs and Ds
 flattened as route * Di + channel there), and x_proj / dt_proj are transposed like Linear weights.
 """
-import json
-import os
-
 import jax
 import numpy as np
 from absl import app, flags
 from flax import nnx
 
+from adaptor_jax.convert import state_dict as sd
 from adaptor_jax.models import registry
 from adaptor_jax.models.vmamba import VSSM
 
 PRESETS = ("vmamba_tiny", "vmamba_small", "vmamba_base",
            "adaptor_vmamba_tiny", "adaptor_vmamba_small", "adaptor_vmamba_base")
 
-_linear = (lambda w: w.reshape(w.shape[:2]).T, lambda k: k.T)       # Linear2d may store (o, i, 1, 1)
-_conv = (lambda w: w.transpose(2, 3, 1, 0), lambda k: k.transpose(3, 2, 0, 1))
-_same = (lambda w: w, lambda p: p)
+_linear, _conv, _same = sd.linear, sd.conv, sd.same    # Linear2d may store (o, i, 1, 1)
 _routes_T = (lambda w: w.transpose(0, 2, 1), lambda p: p.transpose(0, 2, 1))
 
 
@@ -81,34 +78,10 @@ def _is_adaptor(path):
 
 
 def from_state_dict(model, state_dict):
-  """Loads an official state dict (name -> array) into `model` in place.
-
-  Every official key must be present with its official shape and every param of the model must be
-  covered, except the adaptors of the booster and adaptor forms, which keep their values.
-  Raises ValueError naming the first missing, unexpected or mis-shaped key.
-  """
-  entries = layout(model)
-  expected = {key for key, _, _ in entries}
-  unexpected = sorted(set(state_dict) - expected)
-  missing = [key for key, _, _ in entries if key not in state_dict]
-  if missing or unexpected:
-    raise ValueError(f"VMamba checkpoint does not match the model: missing keys {missing[:5]}"
-                     f"{' ...' if len(missing) > 5 else ''} ({len(missing)} in all); unexpected "
-                     f"keys {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''} "
-                     f"({len(unexpected)} in all)")
-  params = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
-  covered = set()
-  for key, path, (to_ours, _) in entries:
-    value = np.asarray(to_ours(np.asarray(state_dict[key], np.float32)))
-    want = params[path].shape
-    if value.shape != tuple(want):
-      raise ValueError(f"VMamba checkpoint key {key!r} has shape {tuple(np.shape(state_dict[key]))}"
-                       f", which does not give this model's {want} for {'/'.join(map(str, path))}")
-    params[path].set_value(jax.numpy.asarray(value))
-    covered.add(path)
-  left = [p for p in params if p not in covered and not _is_adaptor(p)]
-  if left:
-    raise ValueError(f"VMamba layout leaves params unset: {['/'.join(map(str, p)) for p in left]}")
+  """Loads an official state dict (name -> array) into `model` in place: every official key with
+  its shape, every param covered except the adaptors of the booster and adaptor forms, which keep
+  their values. Raises ValueError naming the missing, unexpected or mis-shaped keys."""
+  sd.load(model, state_dict, layout(model), "VMamba", keep=_is_adaptor)
 
 
 def to_state_dict(model):
@@ -118,59 +91,11 @@ def to_state_dict(model):
   if adaptors:
     raise ValueError(f"this model has adaptor params ({len(adaptors)}, e.g. "
                      f"{'/'.join(map(str, adaptors[0]))}), which the VMamba layout cannot hold")
-  return {key: np.asarray(to_theirs(np.asarray(params[path][...])))
-          for key, path, (_, to_theirs) in layout(model)}
+  return sd.dump(model, layout(model))
 
 
-def read_checkpoint(path, key="model"):
-  """The state dict in a torch checkpoint (under `key` when it is a wrapper dict) or an .npz."""
-  if path.endswith(".npz"):
-    with np.load(path) as f:
-      return {k: f[k] for k in f.files}
-  try:
-    import torch  # optional: pip install -e '.[convert]'
-  except ImportError as e:
-    raise ImportError("reading a .pth checkpoint needs torch: pip install -e '.[convert]', or "
-                      "convert it to .npz where torch is available") from e
-  ckpt = torch.load(path, map_location="cpu", weights_only=True)
-  if key in ckpt and isinstance(ckpt[key], dict):
-    ckpt = ckpt[key]
-  elif any(isinstance(v, dict) for v in ckpt.values()):
-    raise ValueError(f"{path}: no state dict under {key!r}; it holds {sorted(ckpt)}")
-  return {k: v.float().numpy() for k, v in ckpt.items()}
-
-
-def write_checkpoint(path, state_dict):
-  if path.endswith(".npz"):
-    np.savez(path, **state_dict)
-    return
-  import torch  # optional
-  torch.save({"model": {k: torch.from_numpy(np.ascontiguousarray(v))
-                        for k, v in state_dict.items()}}, path)
-
-
-def save(model, name, directory):
-  """An orbax checkpoint of the params and model.json ({"model": name, "num_classes": ...})."""
-  import orbax.checkpoint as ocp
-  directory = os.path.abspath(directory)
-  with ocp.StandardCheckpointer() as ckptr:
-    ckptr.save(os.path.join(directory, "params"), nnx.state(model, nnx.Param))
-  with open(os.path.join(directory, "model.json"), "w") as f:
-    json.dump(dict(model=name, num_classes=int(model.head.out_features)), f)
-
-
-def restore(directory, **overrides):
-  """The model saved by `save` in `directory`."""
-  import orbax.checkpoint as ocp
-  directory = os.path.abspath(directory)
-  with open(os.path.join(directory, "model.json")) as f:
-    meta = json.load(f)
-  model = nnx.eval_shape(lambda: registry.create_model(
-      meta["model"], num_classes=meta["num_classes"], rngs=nnx.Rngs(0), **overrides))
-  target = nnx.state(model, nnx.Param)
-  with ocp.StandardCheckpointer() as ckptr:
-    nnx.update(model, ckptr.restore(os.path.join(directory, "params"), target))
-  return model
+read_checkpoint, write_checkpoint = sd.read_checkpoint, sd.write_checkpoint
+save, restore = sd.save, sd.restore
 
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Official VMamba checkpoint (.pth or .npz).")

@@ -1,0 +1,115 @@
+"""What every importer shares: a layout of (official key, our param path, (to ours, to theirs))
+entries, applied strictly in both directions; torch / .npz checkpoint files; the converter's
+output directory (an orbax checkpoint of the params plus `model.json` naming the preset).
+
+A family's module (vmamba.py, deit.py, vim.py) writes only its `layout(model)` and calls these.
+"""
+import json
+import os
+
+import jax
+import numpy as np
+from flax import nnx
+
+from adaptor_jax.models import registry
+
+same = (lambda w: w, lambda p: p)
+linear = (lambda w: w.reshape(w.shape[:2]).T, lambda k: k.T)       # (out, in[, 1, 1]) <-> (in, out)
+conv = (lambda w: w.transpose(2, 3, 1, 0), lambda k: k.transpose(3, 2, 0, 1))
+
+
+def _some(keys):
+  return f"{keys[:5]}{' ...' if len(keys) > 5 else ''} ({len(keys)} in all)"
+
+
+def load(model, state_dict, entries, family, keep=lambda path: False):
+  """Loads an official state dict (name -> array) into `model` in place, by `entries`.
+
+  Every official key must be present with its official shape and every param of the model must be
+  covered, except those `keep(path)` names, which keep their values. Raises ValueError naming the
+  missing, unexpected or first mis-shaped key.
+  """
+  expected = {key for key, _, _ in entries}
+  unexpected = sorted(set(state_dict) - expected)
+  missing = [key for key, _, _ in entries if key not in state_dict]
+  if missing or unexpected:
+    raise ValueError(f"{family} checkpoint does not match the model: missing keys "
+                     f"{_some(missing)}; unexpected keys {_some(unexpected)}")
+  params = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+  covered = set()
+  for key, path, (to_ours, _) in entries:
+    value = np.asarray(to_ours(np.asarray(state_dict[key], np.float32)))
+    want = params[path].shape
+    if value.shape != tuple(want):
+      raise ValueError(f"{family} checkpoint key {key!r} has shape "
+                       f"{tuple(np.shape(state_dict[key]))}, which does not give this model's "
+                       f"{want} for {'/'.join(map(str, path))}")
+    params[path].set_value(jax.numpy.asarray(value))
+    covered.add(path)
+  left = [p for p in params if p not in covered and not keep(p)]
+  if left:
+    raise ValueError(f"{family} layout leaves params unset: {['/'.join(map(str, p)) for p in left]}")
+
+
+def dump(model, entries):
+  """The model's params as an official state dict of numpy arrays, in the entries' order."""
+  params = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+  return {key: np.asarray(to_theirs(np.asarray(params[path][...])))
+          for key, path, (_, to_theirs) in entries}
+
+
+def read_checkpoint(path, key="model"):
+  """The state dict in a torch checkpoint (under `key` when it is a wrapper dict), a .safetensors
+  file or an .npz."""
+  if path.endswith(".npz"):
+    with np.load(path) as f:
+      return {k: f[k] for k in f.files}
+  try:
+    import torch  # optional: pip install -e '.[convert]'
+  except ImportError as e:
+    raise ImportError(f"reading {path} needs torch: pip install -e '.[convert]', or convert it "
+                      "to .npz where torch is available") from e
+  if path.endswith(".safetensors"):
+    from safetensors.torch import load_file  # noqa: PLC0415 - optional, comes with the extra
+    ckpt = load_file(path)
+  else:
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+  if key in ckpt and isinstance(ckpt[key], dict):
+    ckpt = ckpt[key]
+  elif any(isinstance(v, dict) for v in ckpt.values()):
+    raise ValueError(f"{path}: no state dict under {key!r}; it holds {sorted(ckpt)}")
+  return {k: v.float().numpy() for k, v in ckpt.items()}
+
+
+def write_checkpoint(path, state_dict):
+  """An .npz, or a torch checkpoint {"model": state dict}."""
+  if path.endswith(".npz"):
+    np.savez(path, **state_dict)
+    return
+  import torch  # optional
+  torch.save({"model": {k: torch.from_numpy(np.ascontiguousarray(v))
+                        for k, v in state_dict.items()}}, path)
+
+
+def save(model, name, directory):
+  """An orbax checkpoint of the params and model.json ({"model": name, "num_classes": ...})."""
+  import orbax.checkpoint as ocp
+  directory = os.path.abspath(directory)
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(os.path.join(directory, "params"), nnx.state(model, nnx.Param))
+  with open(os.path.join(directory, "model.json"), "w") as f:
+    json.dump(dict(model=name, num_classes=int(model.head.out_features)), f)
+
+
+def restore(directory, **overrides):
+  """The model saved by `save` in `directory`."""
+  import orbax.checkpoint as ocp
+  directory = os.path.abspath(directory)
+  with open(os.path.join(directory, "model.json")) as f:
+    meta = json.load(f)
+  model = nnx.eval_shape(lambda: registry.create_model(
+      meta["model"], num_classes=meta["num_classes"], rngs=nnx.Rngs(0), **overrides))
+  target = nnx.state(model, nnx.Param)
+  with ocp.StandardCheckpointer() as ckptr:
+    nnx.update(model, ckptr.restore(os.path.join(directory, "params"), target))
+  return model
