@@ -2,13 +2,19 @@
 entries, applied strictly in both directions; torch / .npz checkpoint files; the converter's
 output directory (an orbax checkpoint of the params plus `model.json` naming the preset).
 
-A family's module (vmamba.py, deit.py, vim.py) writes only its `layout(model)` and calls these.
+A family's module (vmamba.py, ...) writes its `layout(model)`, from_state_dict / to_state_dict,
+and the names `cli` reads (PRESETS, FAMILY, HEAD_BIAS, MODEL_CLASS, check_export,
+needs_init); its command line
+is `cli(module)`:
+  python -m adaptor_jax.convert.FAMILY --checkpoint=FILE --model=PRESET --output=DIR [--key=model]
+  python -m adaptor_jax.convert.FAMILY --export --input=DIR --checkpoint=OUT.pth|.npz
 """
 import json
 import os
 
 import jax
 import numpy as np
+from absl import app, flags
 from flax import nnx
 
 from adaptor_jax.models import registry
@@ -113,3 +119,45 @@ def restore(directory, **overrides):
   with ocp.StandardCheckpointer() as ckptr:
     nnx.update(model, ckptr.restore(os.path.join(directory, "params"), target))
   return model
+
+
+def cli(family):
+  """Runs the import / export command line of a family module (see the module docstring)."""
+  flags.DEFINE_string("checkpoint", None, f"Official {family.FAMILY} checkpoint (.pth, "
+                      ".safetensors or .npz); with --export, the file to write (.pth or .npz).")
+  flags.DEFINE_enum("model", None, family.PRESETS, "Preset the checkpoint is loaded into.")
+  flags.DEFINE_string("output", None, "Import: orbax checkpoint directory to write.")
+  flags.DEFINE_string("key", "model", "Where the state dict is: 'model' or 'model_ema'.")
+  flags.DEFINE_bool("export", False, "Export --input (ours) to --checkpoint instead.")
+  flags.DEFINE_string("input", None, "Export: a converter output, a workdir or a step directory.")
+  flags.DEFINE_integer("seed", 0, "Import: init seed of params the layout keeps (adaptors).")
+  jax.config.update("jax_platforms", "cpu")
+  app.run(lambda argv: _main(family, flags.FLAGS))
+
+
+def _main(family, f):
+  if f.export:
+    if not (f.input and f.checkpoint):
+      raise app.UsageError("--export needs --input=DIR and --checkpoint=OUT.pth|.npz")
+    # --input: a converter output, a training workdir (its newest checkpoint; EMA params when
+    # the run kept them) or a step directory: the notebook loader reads all three.
+    from adaptor_jax.training import loader  # noqa: PLC0415 - the CLI's only use of it
+    model, _ = loader.load_model(f.input)
+    if not isinstance(model, family.MODEL_CLASS):
+      raise SystemExit(f"--export: {f.input} holds a {type(model).__name__}, not a "
+                       f"{family.FAMILY}")
+    family.check_export(model, f.input)
+    write_checkpoint(f.checkpoint, family.to_state_dict(model))
+    print(f"wrote {f.checkpoint}")
+    return
+  if not (f.checkpoint and f.model and f.output):
+    raise app.UsageError("import needs --checkpoint, --model and --output")
+  state_dict = read_checkpoint(f.checkpoint, f.key)
+  head = state_dict.get(family.HEAD_BIAS)
+  num_classes = 1000 if head is None else int(np.shape(head)[0])
+  build = lambda: registry.create_model(f.model, num_classes=num_classes, rngs=nnx.Rngs(f.seed))
+  # Only params the layout keeps (adaptors) need initial values; others are built abstractly.
+  model = build() if family.needs_init(f.model) else nnx.eval_shape(build)
+  family.from_state_dict(model, state_dict)
+  save(model, f.model, f.output)
+  print(f"wrote {f.output}: {f.model}, {len(state_dict)} tensors, {num_classes} classes")

@@ -14,13 +14,11 @@ Layout: PyTorch Linear weights are (out, in), ours (in, out); conv weights (out,
 (kh, kw, in, out); the per-route SS2D tensors stack the 4 routes first in both (A_logs and Ds
 flattened as route * Di + channel there), and x_proj / dt_proj are transposed like Linear weights.
 """
-import jax
-import numpy as np
-from absl import app, flags
+import sys
+
 from flax import nnx
 
 from adaptor_jax.convert import state_dict as sd
-from adaptor_jax.models import registry
 from adaptor_jax.models.vmamba import VSSM
 
 PRESETS = ("vmamba_tiny", "vmamba_small", "vmamba_base",
@@ -98,47 +96,20 @@ read_checkpoint, write_checkpoint = sd.read_checkpoint, sd.write_checkpoint
 save, restore = sd.save, sd.restore
 
 
-_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Official VMamba checkpoint (.pth or .npz).")
-_MODEL = flags.DEFINE_enum("model", None, PRESETS, "Preset the checkpoint is loaded into.")
-_OUTPUT = flags.DEFINE_string("output", None, "Import: orbax checkpoint directory to write.")
-_KEY = flags.DEFINE_string("key", "model", "Where the state dict is: 'model' or 'model_ema'.")
-_EXPORT = flags.DEFINE_bool("export", False, "Export --input (ours) to --checkpoint instead.")
-_INPUT = flags.DEFINE_string("input", None, "Export: our checkpoint directory.")
-_SEED = flags.DEFINE_integer("seed", 0, "Import: init seed of the adaptor params (adaptor_*).")
+FAMILY, HEAD_BIAS, MODEL_CLASS = "VMamba", "classifier.head.bias", VSSM
 
 
-def main(argv):
-  del argv
-  if _EXPORT.value:
-    if not (_INPUT.value and _CHECKPOINT.value):
-      raise app.UsageError("--export needs --input=DIR and --checkpoint=OUT.pth|.npz")
-    # --input: a converter output, a training workdir (its newest checkpoint; EMA params when
-    # the run kept them) or a step directory: the notebook loader reads all three.
-    from adaptor_jax.training import loader  # noqa: PLC0415 - the CLI's only use of it
-    model, _ = loader.load_model(_INPUT.value)
-    if not isinstance(model, VSSM):
-      raise SystemExit(f"--export: {_INPUT.value} holds a {type(model).__name__}, not a VMamba")
-    if model.form != "none":
-      raise SystemExit(f"--export: {_INPUT.value} holds a VMamba with adaptors (form "
-                       f"{model.form}); the official VMamba layout has no place for them")
-    write_checkpoint(_CHECKPOINT.value, to_state_dict(model))
-    print(f"wrote {_CHECKPOINT.value}")
-    return
-  if not (_CHECKPOINT.value and _MODEL.value and _OUTPUT.value):
-    raise app.UsageError("import needs --checkpoint, --model and --output")
-  state_dict = read_checkpoint(_CHECKPOINT.value, _KEY.value)
-  head = state_dict.get("classifier.head.bias")
-  num_classes = 1000 if head is None else int(np.shape(head)[0])
-  build = lambda: registry.create_model(_MODEL.value, num_classes=num_classes,
-                                       rngs=nnx.Rngs(_SEED.value))
-  # Only the adaptors keep initial values; a plain VMamba is built abstractly, then filled.
-  model = build() if _MODEL.value.startswith("adaptor_") else nnx.eval_shape(build)
-  from_state_dict(model, state_dict)
-  save(model, _MODEL.value, _OUTPUT.value)
-  print(f"wrote {_OUTPUT.value}: {_MODEL.value}, {len(state_dict)} tensors, "
-        f"{num_classes} classes")
+def needs_init(preset):
+  """Whether an import into `preset` initialises params the checkpoint lacks (its adaptors)."""
+  return preset.startswith("adaptor_")
+
+
+def check_export(model, where):
+  """Refuses a model the official layout cannot hold (one with adaptors)."""
+  if model.form != "none":
+    raise SystemExit(f"--export: {where} holds a VMamba with adaptors (form {model.form}); the "
+                     "official VMamba layout has no place for them")
 
 
 if __name__ == "__main__":
-  jax.config.update("jax_platforms", "cpu")
-  app.run(main)
+  sd.cli(sys.modules[__name__])
