@@ -4,7 +4,7 @@ Measured counts (python -m adaptor_jax.summary) are in the README; tests/test_mo
 """
 from flax import nnx
 
-from adaptor_jax.models import vim
+from adaptor_jax.models import deit, vim
 from adaptor_jax.models.vmamba import VSSM
 
 _TINY = dict(dims=(96, 192, 384, 768), depths=(2, 2, 8, 2), ssm_ratio=1.0, drop_path_rate=0.2)
@@ -27,18 +27,31 @@ VMAMBA_PRESETS = {
 
 def list_models():
   """Every preset name."""
-  return sorted(VMAMBA_PRESETS) + sorted(vim.PRESETS)
+  return sorted(VMAMBA_PRESETS) + sorted(vim.PRESETS) + sorted(deit.PRESETS)
+
+
+def is_vmamba(name):
+  """Whether preset `name` is of the VMamba family (has forms, linear probing, adaptors)."""
+  return name in VMAMBA_PRESETS
+
+
+def has_scan(name):
+  """Whether preset `name` runs the selective scan (its constructor takes scan_backend)."""
+  return name not in deit.PRESETS
 
 
 def create_model(name, *, num_classes=1000, rngs: nnx.Rngs, **overrides):
   """The preset `name` with `num_classes` outputs; `overrides` replace constructor arguments.
 
   E.g. create_model("vmamba_tiny", form="adaptor", share_adaptor=True, num_classes=37, rngs=...)
-  builds the parallel-adaptor transfer form on VMamba-T; dtype=jnp.bfloat16 sets compute dtype.
+  builds the parallel-adaptor transfer form on VMamba-T; dtype=jnp.bfloat16 sets compute dtype;
+  create_model("deit_tiny", attention="plain", rngs=...) the explicit-einsum attention.
   The model takes images (B, H, W, 3) float and returns logits (B, num_classes).
   """
   if name in VMAMBA_PRESETS:
     return VSSM(**{**VMAMBA_PRESETS[name], **overrides}, num_classes=num_classes, rngs=rngs)
   if name in vim.PRESETS:
     return vim.Vim(**{**vim.PRESETS[name], **overrides}, num_classes=num_classes, rngs=rngs)
+  if name in deit.PRESETS:
+    return deit.DeiT(**{**deit.PRESETS[name], **overrides}, num_classes=num_classes, rngs=rngs)
   raise ValueError(f"create_model: unknown model {name!r}; choose one of {list_models()}")

@@ -99,7 +99,7 @@ def validate(config):
       _fail(key, f"unknown key; known keys are {sorted(known)}")
   if c.model not in registry.list_models():
     _fail("model", f"{c.model!r} is not a preset; choose one of {registry.list_models()}")
-  if c.form and c.model.startswith("vim"):
+  if c.form and not registry.is_vmamba(c.model):
     _fail("form", f"forms apply to the VMamba family, not {c.model}")
   if c.form not in ("", *vmamba.FORMS):
     _fail("form", f"{c.form!r} is not one of {vmamba.FORMS}")
@@ -107,11 +107,13 @@ def validate(config):
     _fail("share_adaptor", "only applies with form='adaptor'")
   if c.train_only not in ("", "head"):
     _fail("train_only", f"{c.train_only!r} is not '' (what the form trains) or 'head'")
-  if c.train_only and c.model.startswith("vim"):
+  if c.train_only and not registry.is_vmamba(c.model):
     _fail("train_only", f"linear probing applies to the VMamba family, not {c.model}")
   if (c.form == "adaptor" or c.train_only) and not c.init_from:
     _fail("init_from", "the backbone is frozen (form=adaptor or train_only=head): start it from "
           "pretrained weights, a converted VMamba or a run's workdir")
+  if c.scan_backend != "auto" and not registry.has_scan(c.model):
+    _fail("scan_backend", f"{c.model} has no selective scan; leave it 'auto'")
   if c.remat not in common.REMAT:
     _fail("remat", f"{c.remat!r} is not one of {sorted(common.REMAT)}")
   if c.dtype not in DTYPES:

@@ -25,8 +25,9 @@ from adaptor_jax.training import optimizer, sharding
 def model_kwargs(config, num_classes):
   """create_model arguments from the config."""
   kwargs = dict(config.model_overrides.to_dict())
-  kwargs.update(num_classes=num_classes, dtype=jnp.dtype(config.dtype),
-                scan_backend=config.scan_backend, remat=config.remat)
+  kwargs.update(num_classes=num_classes, dtype=jnp.dtype(config.dtype), remat=config.remat)
+  if registry.has_scan(config.model):
+    kwargs["scan_backend"] = config.scan_backend
   if config.form:
     kwargs.update(form=config.form, share_adaptor=config.share_adaptor)
   if config.drop_path_rate >= 0:
