@@ -9,6 +9,7 @@ is `cli(module)`:
   python -m adaptor_jax.convert.FAMILY --checkpoint=FILE --model=PRESET --output=DIR [--key=model]
   python -m adaptor_jax.convert.FAMILY --export --input=DIR --checkpoint=OUT.pth|.npz
 """
+import argparse
 import json
 import os
 
@@ -44,9 +45,12 @@ def load(model, state_dict, entries, family, keep=lambda path: False):
   params = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
   covered = set()
   for key, path, (to_ours, _) in entries:
-    value = np.asarray(to_ours(np.asarray(state_dict[key], np.float32)))
+    try:
+      value = np.asarray(to_ours(np.asarray(state_dict[key], np.float32)))
+    except (ValueError, IndexError):  # a rank or size the transform cannot take: mis-shaped
+      value = None
     want = params[path].shape
-    if value.shape != tuple(want):
+    if value is None or value.shape != tuple(want):
       raise ValueError(f"{family} checkpoint key {key!r} has shape "
                        f"{tuple(np.shape(state_dict[key]))}, which does not give this model's "
                        f"{want} for {'/'.join(map(str, path))}")
@@ -79,7 +83,9 @@ def read_checkpoint(path, key="model"):
     from safetensors.torch import load_file  # noqa: PLC0415 - optional, comes with the extra
     ckpt = load_file(path)
   else:
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    # training checkpoints (DeiT-style main.py: Vim, ...) also hold the run's argparse args
+    with torch.serialization.safe_globals([argparse.Namespace]):
+      ckpt = torch.load(path, map_location="cpu", weights_only=True)
   if key in ckpt and isinstance(ckpt[key], dict):
     ckpt = ckpt[key]
   elif any(isinstance(v, dict) for v in ckpt.values()):
@@ -132,7 +138,16 @@ def cli(family):
   flags.DEFINE_string("input", None, "Export: a converter output, a workdir or a step directory.")
   flags.DEFINE_integer("seed", 0, "Import: init seed of params the layout keeps (adaptors).")
   jax.config.update("jax_platforms", "cpu")
-  app.run(lambda argv: _main(family, flags.FLAGS))
+  app.run(lambda argv: _one_line(family, flags.FLAGS))
+
+
+def _one_line(family, f):
+  """_main, with a checkpoint that does not fit, a missing file or a missing extra reported in
+  one line (exit 1) instead of a traceback."""
+  try:
+    _main(family, f)
+  except (ValueError, OSError, ImportError) as e:
+    raise SystemExit(f"{family.FAMILY} converter: {e}") from None
 
 
 def _main(family, f):
