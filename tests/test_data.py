@@ -15,7 +15,7 @@ from sklearn import datasets as sk_datasets
 
 import dataset_archives
 from adaptor_jax import errors
-from adaptor_jax.data import builders, pipeline, transforms
+from adaptor_jax.data import builders, catalog, pipeline, transforms
 
 SIZE = 16  # output image side in these tests
 
@@ -49,7 +49,7 @@ def write_unchecked(root, data_dir, name):
   kept), with the builder's own scan and writer."""
   # pylint: disable=protected-access
   class_names, examples = builders._folder_examples(str(root), 0.1, 0)
-  builders._write(name, str(data_dir), builders._features(class_names),
+  builders.write(name, str(data_dir), builders._features(class_names),
                   {s: builders._file_examples(rows) for s, rows in examples.items()}, "")
   # pylint: enable=protected-access
 
@@ -295,7 +295,7 @@ def test_cifar100_from_python_archive_reads_as_tfds_cifar100(tmp_path):
   rng = np.random.default_rng(3)
   archive = tmp_path / "cifar-100-python.tar.gz"
   fine_names, coarse_names, dicts = dataset_archives.write_cifar100(archive, rng)
-  builders.build_cifar100(archive, tmp_path / "tfds")
+  catalog.build_cifar100(archive, tmp_path / "tfds")
   builder = tfds.builder("cifar100", data_dir=tmp_path / "tfds")  # TFDS' registered class
   assert type(builder).__module__ == "tensorflow_datasets.image_classification.cifar"
   assert str(builder.version) == "3.0.2" and builder.is_prepared()
@@ -324,23 +324,23 @@ def test_cifar100_from_python_archive_reads_as_tfds_cifar100(tmp_path):
   # Prepared already: reused, not rewritten.
   shard = next((tmp_path / "tfds" / "cifar100" / "3.0.2").glob("cifar100-train.array_record*"))
   mtime = shard.stat().st_mtime_ns
-  builders.build_cifar100(archive, tmp_path / "tfds")
+  catalog.build_cifar100(archive, tmp_path / "tfds")
   assert shard.stat().st_mtime_ns == mtime
 
 
 def test_cifar100_errors(tmp_path):
   rng = np.random.default_rng(4)
   with pytest.raises(FileNotFoundError, match="CIFAR-100 archive .*nowhere.tar.gz.* not exist"):
-    builders.build_cifar100(tmp_path / "nowhere.tar.gz", tmp_path / "tfds")
+    catalog.build_cifar100(tmp_path / "nowhere.tar.gz", tmp_path / "tfds")
   no_meta = tmp_path / "no_meta.tar.gz"
   dataset_archives.write_cifar100(no_meta, rng, skip=("meta",))
   with pytest.raises(FileNotFoundError, match=r"no_meta.tar.gz: no member 'cifar-100-python/meta'"):
-    builders.build_cifar100(no_meta, tmp_path / "tfds")
+    catalog.build_cifar100(no_meta, tmp_path / "tfds")
   bad_label = tmp_path / "bad_label.tar.gz"
   dataset_archives.write_cifar100(bad_label, rng, fine=((1, 2), (3, 100)))
   with pytest.raises(ValueError, match=r"bad_label.tar.gz: cifar-100-python/test fine_labels\[1\] "
                                        r"= 100 is out of range 0..99"):
-    builders.build_cifar100(bad_label, tmp_path / "tfds")
+    catalog.build_cifar100(bad_label, tmp_path / "tfds")
   assert not (tmp_path / "tfds" / "cifar100" / "3.0.2").exists()
 
 
@@ -348,7 +348,7 @@ def test_svhn_cropped_from_mat_files_reads_as_tfds_svhn_cropped(tmp_path):
   rng = np.random.default_rng(5)
   arrays = dataset_archives.write_svhn(tmp_path / "svhn", rng, {"train": [10, 1, 5, 10, 9], "test": [3, 10, 7],
                                                "extra": [2, 10]})
-  builders.build_svhn_cropped(tmp_path / "svhn", tmp_path / "tfds")
+  catalog.build_svhn_cropped(tmp_path / "svhn", tmp_path / "tfds")
   builder = tfds.builder("svhn_cropped", data_dir=tmp_path / "tfds")
   assert type(builder).__module__.startswith("tensorflow_datasets.datasets.svhn_cropped")
   assert str(builder.version) == "3.1.0" and builder.is_prepared()
@@ -373,21 +373,21 @@ def test_svhn_cropped_without_extra_and_errors(tmp_path, caplog):
   rng = np.random.default_rng(6)
   dataset_archives.write_svhn(tmp_path / "svhn", rng, {"train": [10, 4], "test": [6]})
   with caplog.at_level(logging.WARNING):
-    builder = builders.build_svhn_cropped(tmp_path / "svhn", tmp_path / "tfds")
+    builder = catalog.build_svhn_cropped(tmp_path / "svhn", tmp_path / "tfds")
   assert sorted(builder.info.splits) == ["test", "train"]
   assert any("extra_32x32.mat not found" in r.getMessage() for r in caplog.records)
   assert pipeline.num_examples(make_cfg("svhn_cropped", tmp_path / "tfds"), "train") == 2
   with pytest.raises(FileNotFoundError, match="SVHN directory .*nowhere.* does not exist"):
-    builders.build_svhn_cropped(tmp_path / "nowhere", tmp_path / "other")
+    catalog.build_svhn_cropped(tmp_path / "nowhere", tmp_path / "other")
   dataset_archives.write_svhn(tmp_path / "no_test", rng, {"train": [1]})
   with pytest.raises(FileNotFoundError, match="SVHN file .*test_32x32.mat.* does not exist"):
-    builders.build_svhn_cropped(tmp_path / "no_test", tmp_path / "other")
+    catalog.build_svhn_cropped(tmp_path / "no_test", tmp_path / "other")
   dataset_archives.write_svhn(tmp_path / "bad", rng, {"train": [1, 11], "test": [2]})
   with pytest.raises(ValueError, match=r"train_32x32.mat: y\[1\] = 11 is out of range 1..10"):
-    builders.build_svhn_cropped(tmp_path / "bad", tmp_path / "other")
+    catalog.build_svhn_cropped(tmp_path / "bad", tmp_path / "other")
   dataset_archives.write_svhn(tmp_path / "zero", rng, {"train": [1], "test": [0]})
   with pytest.raises(ValueError, match=r"test_32x32.mat: y\[0\] = 0 is out of range 1..10"):
-    builders.build_svhn_cropped(tmp_path / "zero", tmp_path / "other")
+    catalog.build_svhn_cropped(tmp_path / "zero", tmp_path / "other")
   assert not (tmp_path / "other" / "svhn_cropped" / "3.1.0").exists()
 
 
@@ -395,7 +395,7 @@ def test_food101_from_archive_reads_as_tfds_food101(tmp_path):
   rng = np.random.default_rng(7)
   archive = tmp_path / "food-101.tar.gz"
   images, train, test = dataset_archives.write_food101(archive, rng)
-  builders.build_food101(archive, tmp_path / "tfds")
+  catalog.build_food101(archive, tmp_path / "tfds")
   builder = tfds.builder("food101", data_dir=tmp_path / "tfds")  # the default version: 2.0.0
   assert type(builder).__module__ == "tensorflow_datasets.image_classification.food101"
   assert str(builder.version) == "2.0.0" and builder.is_prepared()
@@ -423,26 +423,26 @@ def test_food101_from_archive_reads_as_tfds_food101(tmp_path):
 def test_food101_errors(tmp_path):
   rng = np.random.default_rng(8)
   with pytest.raises(FileNotFoundError, match="Food-101 archive .*food-101.tar.gz.* not exist"):
-    builders.build_food101(tmp_path / "food-101.tar.gz", tmp_path / "tfds")
+    catalog.build_food101(tmp_path / "food-101.tar.gz", tmp_path / "tfds")
   (tmp_path / "not_a_tar.tar.gz").write_bytes(b"not a tar archive at all")
   with pytest.raises(ValueError, match="not_a_tar.tar.gz: not a readable tar archive"):
-    builders.build_food101(tmp_path / "not_a_tar.tar.gz", tmp_path / "tfds")
+    catalog.build_food101(tmp_path / "not_a_tar.tar.gz", tmp_path / "tfds")
   unknown = tmp_path / "unknown.tar.gz"
   dataset_archives.write_food101(unknown, rng, train=["apple_pie/1000", "apple_pies/1001"], test=[])
   with pytest.raises(ValueError, match=r"unknown.tar.gz: food-101/meta/train.txt line 2: "
                                        r"unknown class 'apple_pies'"):
-    builders.build_food101(unknown, tmp_path / "tfds")
+    catalog.build_food101(unknown, tmp_path / "tfds")
   missing = tmp_path / "missing.tar.gz"
   dataset_archives.write_food101(missing, rng, drop=("waffles/1002",))
   with pytest.raises(FileNotFoundError, match=r"missing.tar.gz: no member "
                                               r"'food-101/images/waffles/1002.jpg' \(listed in "
                                               r"food-101/meta/test.txt line 3\)"):
-    builders.build_food101(missing, tmp_path / "tfds")
+    catalog.build_food101(missing, tmp_path / "tfds")
   bad_jpeg = tmp_path / "bad_jpeg.tar.gz"
   dataset_archives.write_food101(bad_jpeg, rng, corrupt=("waffles/1002",))
   with pytest.raises(ValueError, match=r"bad_jpeg.tar.gz: 1 of the 3 validation images do not "
                                        r"decode: food-101/images/waffles/1002.jpg \(decode: "):
-    builders.build_food101(bad_jpeg, tmp_path / "tfds")
+    catalog.build_food101(bad_jpeg, tmp_path / "tfds")
   assert not (tmp_path / "tfds" / "food101" / "2.0.0").exists()
 
 
@@ -612,7 +612,7 @@ def write_records(data_dir, name, splits):
   examples = {s: builders._file_examples((f"{i:03d}.png", i % 2, data)
                                          for i, data in enumerate(rows))
               for s, rows in splits.items()}
-  builders._write(name, str(data_dir), builders._features(["a", "b"]), examples, "")
+  builders.write(name, str(data_dir), builders._features(["a", "b"]), examples, "")
   # pylint: enable=protected-access
 
 

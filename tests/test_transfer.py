@@ -18,7 +18,7 @@ from flax import nnx
 import dataset_archives
 import train_cases as tc
 from adaptor_jax.convert import vmamba as cv
-from adaptor_jax.data import builders
+from adaptor_jax.data import catalog
 from adaptor_jax.training import (config as config_lib, init_from, loader, optimizer, sharding,
                                   steps)
 
@@ -78,7 +78,7 @@ def runs(shared):
       dataset_archives.write_cifar100(tmp / "cifar-100-python.tar.gz",
                                       np.random.default_rng(0),
                                       fine=((3, 57, 99) * 16, (3, 57, 99) * 4))
-      builders.build_cifar100(str(tmp / "cifar-100-python.tar.gz"), str(out["data_dir"]))
+      catalog.build_cifar100(str(tmp / "cifar-100-python.tar.gz"), str(out["data_dir"]))
       tc.converted_vmamba(tmp, "vmamba", **SMALL)  # 1000 classes, as the official ones
       other, _ = tc.converted_vmamba(tmp, "vmamba_wider", seed=1, **dict(SMALL, dims=(24,)))
       done = {"booster": _train(tmp, "booster", tmp / "booster", out["data_dir"],

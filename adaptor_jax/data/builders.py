@@ -22,29 +22,16 @@ Their features: image (encoded bytes, decoded as (H, W, 3) uint8), label (ClassL
 (path relative to the split's root). Neither is registered in TFDS' registry:
 `tfds.builder(name, data_dir=...)` and `tfds.data_source` find them from their files on disk.
 
-Three TFDS catalog datasets, built from the files their sites distribute (downloaded by the user;
-nothing is downloaded here) with the catalog builder's name, version, splits, features, label
-indices, class names and example keys, so TFDS' own registered builder reads them
-(`tfds.builder(name, data_dir=...)`) and its shuffle-by-key gives the same record order:
-- `cifar100` 3.0.2 from the python version, cifar-100-python.tar.gz (train 50000, test 10000):
-  id "train_00000", image (32, 32, 3) PNG, label (100 fine), coarse_label (20), names from the
-  archive's meta; keys are the indices in file order.
-- `svhn_cropped` 3.1.0 from train_32x32.mat, test_32x32.mat and, if present, extra_32x32.mat:
-  image (32, 32, 3) PNG, label y % 10 (10 is digit 0), id "train_000000"; keys are indices.
-- `food101` 2.0.0 from food-101.tar.gz: image (the original JPEG bytes), label (TFDS' 101 names);
-  splits train (meta/train.txt) and validation (meta/test.txt); keys are the image names
-  ("apple_pie/1005649"). The archive is read in place, one image at a time; each JPEG is decoded
-  as it is written, and the build fails (nothing is kept) listing the members that don't decode.
+Three TFDS catalog datasets (cifar100, svhn_cropped, food101) are built from the files their
+sites distribute by catalog.py, with this module's writer; this command line builds them too.
 Arrays are encoded as PNG with PIL (lossless; TFDS stores arrays as PNG too): nothing to check.
 """
 import contextlib
 import fcntl
 import io
 import os
-import pickle
 import re
 import shutil
-import tarfile
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -138,7 +125,7 @@ def _prepare(builder):
   return builder
 
 
-def _write(name, data_dir, features, examples, description, version=DEFAULT_VERSION):
+def write(name, data_dir, features, examples, description, version=DEFAULT_VERSION):
   """Writes `examples` ({split: iterable of (key, example)}) as `name`/`version` in data_dir.
 
   Files of that version already there are removed first (else TFDS would reuse them).
@@ -167,7 +154,7 @@ def _default_data_dir(data_dir):
   return os.path.expanduser(data_dir) if data_dir else tfds.core.constants.DATA_DIR
 
 
-def _build_once(name, version, data_dir, overwrite, write, *args):
+def build_once(name, version, data_dir, overwrite, write, *args):
   """Under the lock, calls `write(data_dir, *args)` unless `name`/`version` is prepared there
   (or `overwrite`); returns a read-only builder of the prepared dataset."""
   data_dir = _default_data_dir(data_dir)
@@ -198,7 +185,7 @@ def digits_arrays():
   return images, labels, np.sort(train_idx), np.sort(val_idx)
 
 
-def _png(rgb_u8):
+def png(rgb_u8):
   """PNG bytes of an (H, W, 3) uint8 array (lossless: it decodes to the same pixels)."""
   from PIL import Image  # pylint: disable=g-import-not-at-top
   buf = io.BytesIO()
@@ -207,7 +194,7 @@ def _png(rgb_u8):
 
 
 def _png_rgb(gray_u8):
-  return _png(np.repeat(gray_u8[:, :, None], 3, axis=2))
+  return png(np.repeat(gray_u8[:, :, None], 3, axis=2))
 
 
 def build_digits(data_dir=None):
@@ -221,7 +208,7 @@ def build_digits(data_dir=None):
       images, labels, train_idx, val_idx = digits_arrays()
       rows = lambda idx: _file_examples(
           (f"{i:04d}.png", int(labels[i]), _png_rgb(images[i])) for i in idx)
-      _write(DIGITS_NAME, data_dir, _features([str(c) for c in range(10)]),
+      write(DIGITS_NAME, data_dir, _features([str(c) for c in range(10)]),
              {"train": rows(train_idx), "validation": rows(val_idx)},
              "scikit-learn's handwritten digits (UCI optdigits test set), 8x8, RGB PNG.")
       logging.info("Built %s in %s: %d train, %d validation", DIGITS_NAME, data_dir,
@@ -323,11 +310,11 @@ def build_image_folder(root, data_dir, name, validation_fraction=0.1, seed=0, ov
   `pipeline.open_source` with `config.data.name = name`.
   """
   check_name(name)
-  return _build_once(name, DEFAULT_VERSION, data_dir, overwrite, _write_image_folder, root, name,
+  return build_once(name, DEFAULT_VERSION, data_dir, overwrite, _write_image_folder, root, name,
                      validation_fraction, seed, skip_bad)
 
 
-def _decode_error(data):
+def decode_error(data):
   """None when `data` decodes as the pipeline decodes it, else the reason."""
   try:
     transforms.decode(data)
@@ -336,7 +323,7 @@ def _decode_error(data):
   return None
 
 
-def _bad_list(bad):
+def bad_list(bad):
   """"a (why), b, c ... and N more" of [(name, why)]: the first reason, the first names."""
   named = [f"{bad[0][0]} ({bad[0][1]})"] + [n for n, _ in bad[1:_BAD_NAMED]]
   more = len(bad) - _BAD_NAMED
@@ -353,7 +340,7 @@ def _checked_rows(root, examples, skip_bad):
     for _, _, path in rows:
       total += 1
       with open(path, "rb") as f:
-        why = _decode_error(f.read())
+        why = decode_error(f.read())
       if why:
         bad.append((os.path.relpath(path, root), why))
   if not bad:
@@ -361,9 +348,9 @@ def _checked_rows(root, examples, skip_bad):
   bad.sort()
   what = f"Image folder {root}: {len(bad)} of {total} files do not decode as images: "
   if not skip_bad:
-    raise ValueError(what + _bad_list(bad) + "; fix or remove them, or pass skip_bad=True "
+    raise ValueError(what + bad_list(bad) + "; fix or remove them, or pass skip_bad=True "
                      "(--skip_bad) to leave them out.")
-  logging.warning("%s%s; left out (skip_bad).", what, _bad_list(bad))
+  logging.warning("%s%s; left out (skip_bad).", what, bad_list(bad))
   paths = {os.path.join(root, rel) for rel, _ in bad}
   examples = {s: [r for r in rows if r[2] not in paths] for s, rows in examples.items()}
   return {s: rows for s, rows in examples.items() if rows}
@@ -375,315 +362,12 @@ def _write_image_folder(data_dir, root, name, validation_fraction, seed, skip_ba
   examples = _checked_rows(root, examples, skip_bad)
   if "train" not in examples:
     raise ValueError(f"Image folder {root}: no train image decodes.")
-  _write(name, data_dir, _features(class_names),
+  write(name, data_dir, _features(class_names),
          {s: _file_examples(rows) for s, rows in examples.items()}, f"Image folder {root}.")
   logging.info("Built %s in %s from %s: %s", name, data_dir, root,
                {s: len(rows) for s, rows in examples.items()})
 
 
-# ---------------------------------------------------------------------------------------------
-# TFDS catalog datasets from their distributed files
-
-CIFAR100_NAME, CIFAR100_VERSION = "cifar100", "3.0.2"
-SVHN_NAME, SVHN_VERSION = "svhn_cropped", "3.1.0"
-FOOD101_NAME, FOOD101_VERSION = "food101", "2.0.0"
-# {name: (what to download, from where, the --source to pass)}, for messages.
-CATALOG_SOURCES = {
-    CIFAR100_NAME: ("cifar-100-python.tar.gz (the python version)",
-                    "https://www.cs.toronto.edu/~kriz/cifar.html",
-                    "PATH/cifar-100-python.tar.gz"),
-    SVHN_NAME: ("train_32x32.mat and test_32x32.mat (optionally extra_32x32.mat) into one "
-                "directory DIR", "http://ufldl.stanford.edu/housenumbers/", "DIR"),
-    FOOD101_NAME: ("food-101.tar.gz", "https://data.vision.ee.ethz.ch/cvl/food-101.tar.gz",
-                   "PATH/food-101.tar.gz"),
-}
-SVHN_FILES = {"train": "train_32x32.mat", "test": "test_32x32.mat", "extra": "extra_32x32.mat"}
-_FOOD101_NAMES_FILE = "image_classification/food-101_classes.txt"  # in TFDS' package
-
-
-def _open_tar(path, what):
-  """The tar archive `path` opened for reading; one-line errors when it is missing or bad."""
-  path = os.path.expanduser(os.fspath(path))
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"{what} archive {path!r} does not exist.")
-  try:
-    return tarfile.open(path, "r:*")
-  except (tarfile.TarError, OSError, EOFError) as e:
-    raise ValueError(f"{path}: not a readable tar archive ({e}).") from None
-
-
-def _members(tar):
-  """{name without a leading "./": TarInfo} of the archive's files (reads through it once)."""
-  return {m.name[2:] if m.name.startswith("./") else m.name: m for m in tar.getmembers()
-          if m.isfile()}
-
-
-def _read_member(tar, members, name):
-  """The bytes of archive member `name`; FileNotFoundError naming the archive if it's absent."""
-  if name not in members:
-    raise FileNotFoundError(f"{tar.name}: no member {name!r}.")
-  return tar.extractfile(members[name]).read()
-
-
-# cifar100
-
-
-def _cifar100_pickle(tar, members, name, keys):
-  """The dict in pickle `name` of the archive, with str keys; checks that `keys` are there."""
-  try:  # the archive's pickles come from Python 2: their str's load as bytes
-    data = pickle.loads(_read_member(tar, members, name), encoding="bytes")
-  except (pickle.UnpicklingError, EOFError) as e:
-    raise ValueError(f"{tar.name}: {name} is not a readable pickle ({e}).") from None
-  if not isinstance(data, dict):
-    raise ValueError(f"{tar.name}: {name} holds a {type(data).__name__}, not a dict.")
-  data = {k.decode() if isinstance(k, bytes) else k: v for k, v in data.items()}
-  missing = [k for k in keys if k not in data]
-  if missing:
-    raise ValueError(f"{tar.name}: {name} has no {missing} (is it CIFAR-100's python version?).")
-  return data
-
-
-def _cifar100_names(tar, members):
-  """(fine names (100), coarse names (20)) from the archive's meta."""
-  name = "cifar-100-python/meta"
-  meta = _cifar100_pickle(tar, members, name, ("fine_label_names", "coarse_label_names"))
-  names = [[n.decode() if isinstance(n, bytes) else str(n) for n in meta[k]]
-           for k in ("fine_label_names", "coarse_label_names")]
-  if [len(n) for n in names] != [100, 20]:
-    raise ValueError(f"{tar.name}: {name} has {len(names[0])} fine and {len(names[1])} coarse "
-                     f"label names; CIFAR-100 has 100 and 20.")
-  return names
-
-
-def _cifar100_split(tar, members, split):
-  """(images (N, 32, 32, 3) uint8, fine labels (N,), coarse labels (N,)) of `split`."""
-  name = f"cifar-100-python/{split}"
-  data = _cifar100_pickle(tar, members, name, ("data", "fine_labels", "coarse_labels"))
-  pixels = np.asarray(data["data"])
-  if pixels.dtype != np.uint8 or pixels.ndim != 2 or pixels.shape[1] != 3072:
-    raise ValueError(f"{tar.name}: {name} data is {pixels.dtype} {pixels.shape}, expected "
-                     f"uint8 (N, 3072).")
-  images = pixels.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)  # rows are CHW
-  labels = []
-  for key, num in (("fine_labels", 100), ("coarse_labels", 20)):
-    values = np.asarray(data[key], np.int64).reshape(-1)
-    if len(values) != len(images):
-      raise ValueError(f"{tar.name}: {name} has {len(values)} {key} for {len(images)} images.")
-    bad = np.flatnonzero((values < 0) | (values >= num))
-    if bad.size:
-      raise ValueError(f"{tar.name}: {name} {key}[{bad[0]}] = {values[bad[0]]} is out of range "
-                       f"0..{num - 1}.")
-    labels.append(values)
-  return images, labels[0], labels[1]
-
-
-def _cifar100_features(fine_names, coarse_names):
-  """TFDS' cifar100 features (the catalog builder sets the names from the archive too)."""
-  return tfds.features.FeaturesDict({
-      "id": tfds.features.Text(),
-      "image": tfds.features.Image(shape=(32, 32, 3)),
-      "label": tfds.features.ClassLabel(names=fine_names),
-      "coarse_label": tfds.features.ClassLabel(names=coarse_names),
-  })
-
-
-def _cifar100_examples(split, images, fine, coarse):
-  """TFDS' cifar100 examples: keyed by the index in file order, id "<split>_00000"."""
-  for i, image in enumerate(images):
-    yield i, {"id": f"{split}_{i:05d}", "image": _png(image), "label": int(fine[i]),
-              "coarse_label": int(coarse[i])}
-
-
-def build_cifar100(source, data_dir=None, overwrite=False):
-  """Prepares TFDS' `cifar100` (3.0.2) from cifar-100-python.tar.gz (`source`), read in place.
-
-  Splits train and test in the archive's order; returns a read-only builder. An existing
-  build is reused unless `overwrite`. The archive's pickles are unpickled: use the original.
-  """
-  return _build_once(CIFAR100_NAME, CIFAR100_VERSION, data_dir, overwrite, _write_cifar100,
-                     source)
-
-
-def _write_cifar100(data_dir, source):
-  with _open_tar(source, "CIFAR-100") as tar:
-    members = _members(tar)
-    fine_names, coarse_names = _cifar100_names(tar, members)
-    splits = {s: _cifar100_split(tar, members, s) for s in ("train", "test")}
-  _write(CIFAR100_NAME, data_dir, _cifar100_features(fine_names, coarse_names),
-         {s: _cifar100_examples(s, *arrays) for s, arrays in splits.items()},
-         f"CIFAR-100 from {source}, as TFDS' cifar100.", CIFAR100_VERSION)
-  logging.info("Built %s in %s from %s: %s", CIFAR100_NAME, data_dir, source,
-               {s: len(arrays[0]) for s, arrays in splits.items()})
-
-
-# svhn_cropped
-
-
-def _svhn_files(source):
-  """{split: path} of the .mat files in directory `source`; `extra` may be missing."""
-  source = os.path.expanduser(os.fspath(source))
-  if not os.path.isdir(source):
-    raise FileNotFoundError(f"SVHN directory {source!r} does not exist.")
-  files = {}
-  for split, file_name in SVHN_FILES.items():
-    path = os.path.join(source, file_name)
-    if os.path.isfile(path):
-      files[split] = path
-    elif split == "extra":
-      logging.warning("%s not found: building %s without its 'extra' split.", path, SVHN_NAME)
-    else:
-      raise FileNotFoundError(f"SVHN file {path!r} does not exist.")
-  return files
-
-
-def _svhn_mat(path, names):
-  """The variables `names` of the .mat file `path`."""
-  from scipy import io as sio  # pylint: disable=g-import-not-at-top
-  try:
-    data = sio.loadmat(path, variable_names=names)
-  except (ValueError, OSError, NotImplementedError, sio.matlab.MatReadError) as e:
-    raise ValueError(f"{path}: not a readable .mat file ({e}).") from None
-  missing = [n for n in names if n not in data]
-  if missing:
-    raise ValueError(f"{path} has no variable {missing[0]!r} (is it SVHN's *_32x32.mat?).")
-  return data
-
-
-def _svhn_labels(path):
-  """Labels 0..9 of an SVHN .mat file (y % 10: 10 is digit 0); checks y and X's shape."""
-  from scipy import io as sio  # pylint: disable=g-import-not-at-top
-  y = _svhn_mat(path, ["y"])["y"]
-  y = np.asarray(y).reshape(-1)
-  shapes = {n: (shape, cls) for n, shape, cls in sio.whosmat(path)}
-  x_shape, x_class = shapes.get("X", (None, None))
-  if x_shape is None or tuple(x_shape) != (32, 32, 3, len(y)) or x_class != "uint8":
-    raise ValueError(f"{path}: X is {x_class} {x_shape}, expected uint8 (32, 32, 3, {len(y)}).")
-  bad = np.flatnonzero((y < 1) | (y > 10) | (y != np.round(y)))
-  if bad.size:
-    raise ValueError(f"{path}: y[{bad[0]}] = {y[bad[0]]} is out of range 1..10.")
-  return y.astype(np.int64) % 10
-
-
-def _svhn_examples(split, path, labels):
-  """TFDS' svhn_cropped examples of one file, keyed by index; X is read here, when written."""
-  images = _svhn_mat(path, ["X"])["X"]
-  for i, label in enumerate(labels):
-    yield i, {"image": _png(images[..., i]), "label": int(label), "id": f"{split}_{i:06d}"}
-
-
-def _svhn_features():
-  return tfds.features.FeaturesDict({
-      "image": tfds.features.Image(shape=(32, 32, 3)),
-      "label": tfds.features.ClassLabel(num_classes=10),
-      "id": tfds.features.Text(),
-  })
-
-
-def build_svhn_cropped(source, data_dir=None, overwrite=False):
-  """Prepares TFDS' `svhn_cropped` (3.1.0) from the .mat files in directory `source`.
-
-  train_32x32.mat -> train, test_32x32.mat -> test, extra_32x32.mat -> extra (skipped, with a
-  warning, when absent). Returns a read-only builder; a build is reused unless `overwrite`.
-  """
-  return _build_once(SVHN_NAME, SVHN_VERSION, data_dir, overwrite, _write_svhn_cropped, source)
-
-
-def _write_svhn_cropped(data_dir, source):
-  files = _svhn_files(source)
-  labels = {s: _svhn_labels(path) for s, path in files.items()}  # all checked before writing
-  _write(SVHN_NAME, data_dir, _svhn_features(),
-         {s: _svhn_examples(s, path, labels[s]) for s, path in files.items()},
-         f"SVHN cropped digits from {source}, as TFDS' svhn_cropped.", SVHN_VERSION)
-  logging.info("Built %s in %s from %s: %s", SVHN_NAME, data_dir, source,
-               {s: len(y) for s, y in labels.items()})
-
-
-# food101
-
-
-def _food101_features():
-  """TFDS' food101 2.0.0 features: the label names are TFDS' own names file."""
-  return tfds.features.FeaturesDict({
-      "image": tfds.features.Image(),
-      "label": tfds.features.ClassLabel(names_file=tfds.core.tfds_path(_FOOD101_NAMES_FILE)),
-  })
-
-
-def _food101_lines(tar, members, name):
-  """(line number, text) of the non-empty lines of archive member `name`."""
-  text = _read_member(tar, members, name).decode("utf-8")
-  return [(n, line.strip()) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
-
-
-def _food101_rows(tar, members, class_names):
-  """{split: [(image name, label, TarInfo)]} from meta/train.txt and meta/test.txt, checked."""
-  index = {c: i for i, c in enumerate(class_names)}
-  for n, c in _food101_lines(tar, members, "food-101/meta/classes.txt"):
-    if c not in index:
-      raise ValueError(f"{tar.name}: food-101/meta/classes.txt line {n}: unknown class {c!r} "
-                       f"(not in TFDS' Food-101 names).")
-  rows = {}
-  for split, list_name in (("train", "food-101/meta/train.txt"),
-                           ("validation", "food-101/meta/test.txt")):
-    rows[split], seen = [], set()
-    for n, image_name in _food101_lines(tar, members, list_name):
-      c, _, _ = image_name.partition("/")
-      if c not in index:
-        raise ValueError(f"{tar.name}: {list_name} line {n}: unknown class {c!r} in "
-                         f"{image_name!r} (not in TFDS' Food-101 names).")
-      if image_name in seen:
-        raise ValueError(f"{tar.name}: {list_name} line {n}: {image_name!r} is listed twice.")
-      seen.add(image_name)
-      member = f"food-101/images/{image_name}.jpg"
-      if member not in members:
-        raise FileNotFoundError(f"{tar.name}: no member {member!r} (listed in {list_name} "
-                                f"line {n}).")
-      rows[split].append((image_name, index[c], members[member]))
-  return rows
-
-
-def _food101_examples(tar, split, rows):
-  """TFDS' food101 examples, keyed by image name, the JPEG bytes as they are in the archive.
-
-  Read in archive order, so a .tar.gz is decompressed once per split, one image at a time.
-  Each image is decoded; at the end of the split, ValueError names those that don't (the
-  build then keeps nothing).
-  """
-  bad = []
-  for image_name, label, member in sorted(rows, key=lambda row: row[2].offset_data):
-    data = tar.extractfile(member).read()
-    why = _decode_error(data)
-    if why:
-      bad.append((member.name, why))
-    else:
-      yield image_name, {"image": data, "label": label}
-  if bad:
-    raise ValueError(f"{tar.name}: {len(bad)} of the {len(rows)} {split} images do not decode: "
-                     f"{_bad_list(bad)}.")
-
-
-def build_food101(source, data_dir=None, overwrite=False):
-  """Prepares TFDS' `food101` (2.0.0) from food-101.tar.gz (`source`), read in place.
-
-  Splits: train (meta/train.txt) and validation (meta/test.txt, as in TFDS). Returns a read-only
-  builder; an existing build is reused unless `overwrite`.
-  """
-  return _build_once(FOOD101_NAME, FOOD101_VERSION, data_dir, overwrite, _write_food101, source)
-
-
-def _write_food101(data_dir, source):
-  features = _food101_features()
-  with _open_tar(source, "Food-101") as tar:
-    rows = _food101_rows(tar, _members(tar), features["label"].names)
-    _write(FOOD101_NAME, data_dir, features,
-           {s: _food101_examples(tar, s, split_rows) for s, split_rows in rows.items()},
-           f"Food-101 from {source}, as TFDS' food101.", FOOD101_VERSION)
-  logging.info("Built %s in %s from %s: %s", FOOD101_NAME, data_dir, source,
-               {s: len(split_rows) for s, split_rows in rows.items()})
-
-
-CATALOG_BUILDERS = {CIFAR100_NAME: build_cifar100, SVHN_NAME: build_svhn_cropped,
-                    FOOD101_NAME: build_food101}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -691,6 +375,7 @@ CATALOG_BUILDERS = {CIFAR100_NAME: build_cifar100, SVHN_NAME: build_svhn_cropped
 
 def _define_flags():
   """The CLI's flags (defined only when run as a script, so importers' flags never clash)."""
+  from adaptor_jax.data.catalog import CATALOG_BUILDERS  # noqa: PLC0415 - catalog imports us
   flags.DEFINE_enum("dataset", None, ["digits", "image_folder", *CATALOG_BUILDERS],
                     "What to build.")
   flags.DEFINE_string("data_dir", None, "TFDS data directory (default: TFDS').")
@@ -708,6 +393,7 @@ def _define_flags():
 
 def main(argv):
   del argv
+  from adaptor_jax.data.catalog import CATALOG_BUILDERS, CATALOG_SOURCES  # noqa: PLC0415
   f = flags.FLAGS
   if f.dataset == "digits":
     builder = build_digits(f.data_dir)

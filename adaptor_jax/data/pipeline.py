@@ -61,7 +61,7 @@ from absl import flags, logging
 from google.protobuf import message as proto_message
 
 from adaptor_jax import errors
-from adaptor_jax.data import builders, transforms
+from adaptor_jax.data import builders, catalog, transforms
 from adaptor_jax.data.config import default_data_config  # noqa: F401 - the knobs of `cfg`
 
 _RANDOM_ACCESS_FORMATS = tfds.core.file_adapters.FileFormat.with_random_access()
@@ -95,8 +95,8 @@ def _how_to_prepare(name, data_dir):
             f"{where}/downloads/manual/, then run `tfds build imagenet2012 --data_dir={where} "
             f"--file_format=array_record` (tfds build needs TensorFlow installed in the "
             f"environment that runs it; training does not).")
-  if name in builders.CATALOG_SOURCES:
-    download, url, source = builders.CATALOG_SOURCES[name]
+  if name in catalog.CATALOG_SOURCES:
+    download, url, source = catalog.CATALOG_SOURCES[name]
     return (f"Prepare it once: download {download} from {url}, then run `python -m "
             f"adaptor_jax.data.builders --dataset={name} --source={source} --data_dir={where}` "
             f"(no TensorFlow needed).")
