@@ -1,5 +1,5 @@
 """Tiny datasets in their distributed formats, written inside tests: CIFAR-100's python archive,
-SVHN's cropped-digit .mat files, Food-101's archive (tests/test_data.py, tests/test_transfer.py)."""
+SVHN's cropped-digit .mat files, Food-101's archive (tests/test_catalog.py, tests/test_transfer.py)."""
 import io
 import os
 import pickle
