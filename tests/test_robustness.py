@@ -173,6 +173,18 @@ def test_sigterm_ends_a_data_wait():
   signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
+def test_sigterm_lets_a_slow_data_wait_finish():
+  """A batch that comes within the grace after SIGTERM is returned (the run trains on it and
+  saves as at any step): a loaded machine's slow pipeline does not lose the run's progress."""
+  stop = loop._StopSignal()  # pylint: disable=protected-access
+  timer = threading.Timer(0.2, lambda: os.kill(os.getpid(), signal.SIGTERM))
+  timer.start()
+  assert stop.interruptible(lambda: time.sleep(1.0) or "batch") == "batch"
+  assert stop.stop
+  time.sleep(stop.GRACE_S)  # the grace's timer was cancelled: no late _Terminated
+  signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def test_kill_9_during_saves_then_resume_equals_an_uninterrupted_run(run8, tmp_path, robust_data):
   """Saves are atomic (orbax writes a step under a temporary name, then renames it): a run
   killed while it saves every step resumes from its newest complete step, and its losses

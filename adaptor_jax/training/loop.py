@@ -69,28 +69,41 @@ class _Terminated(Exception):
 class _StopSignal:
   """SIGTERM sets a flag the loop checks every step (single process; on several hosts the
   preemption sync point of jax.distributed decides, so all hosts stop at the same step).
-  While the loop waits for data (interruptible) it raises _Terminated instead, and an
-  evaluation checks the flag between batches, so a stall or a long eval ends within seconds."""
+  A SIGTERM while the loop waits for data (interruptible) gives the wait GRACE_S more seconds:
+  a batch that arrives in time is trained on and the run saves as at any step; a wait that is
+  still stalled then is cut by _Terminated (nothing saved: the iterator is mid-batch). An
+  evaluation checks the flag between batches. So a stall or a long eval ends within seconds."""
+
+  GRACE_S = 3.0
 
   def __init__(self):
     self.stop, self._waiting = False, False
-    if jax.process_count() == 1:
+    self._local = jax.process_count() == 1
+    if self._local:
       signal.signal(signal.SIGTERM, self._handle)
+      signal.signal(signal.SIGALRM, self._stalled)
 
   def _handle(self, signum, frame):
     del signum, frame
     self.stop = True
+    if self._waiting:
+      signal.setitimer(signal.ITIMER_REAL, self.GRACE_S)
+
+  def _stalled(self, signum, frame):
+    del signum, frame
     if self._waiting:
       raise _Terminated
 
   def interruptible(self, fn):
     self._waiting = True
     try:
-      if self.stop:
-        raise _Terminated
+      if self.stop and self._local:  # the signal came just before this wait
+        signal.setitimer(signal.ITIMER_REAL, self.GRACE_S)
       return fn()
     finally:
       self._waiting = False
+      if self._local:
+        signal.setitimer(signal.ITIMER_REAL, 0)
 
   def __call__(self, mngr, step):
     if jax.process_count() == 1:
@@ -215,8 +228,9 @@ def train_and_evaluate(config, workdir):
         progress.line(f"stopping at step {step} on a termination signal; checkpoint saved")
         break
   except _Terminated:
-    progress.line(f"stopping after step {step} on a termination signal while waiting for data; "
-                  f"not saved (the data iterator was mid-batch); the newest checkpoint is step "
+    progress.line(f"stopping after step {step} on a termination signal: no data came for "
+                  f"{_StopSignal.GRACE_S:g} s; not saved (the data iterator was mid-batch); the "
+                  f"newest checkpoint is step "
                   f"{mngr.latest_step()}")
   except Diverged as e:
     mngr.wait_until_finished()  # the good saves in flight complete; the keep rule keeps them
