@@ -1,20 +1,27 @@
 """`memory_read`: Adaptor-T's interpolated read of earlier states (DESIGN.md §3), as an op.
 
-  read = memory_read(h, pos, weight, backend="auto")
+  out = memory_read(h, pos, weight, gamma=None, scale=None, backend="auto")
   h: (batch, L, G, C)         G independent heads (Adaptor-T: route x channel group), C channels
   pos, weight: (batch, L, G, K) float32: K locations per position and head, and their weights
+  gamma: (G, C) or None;  scale: (batch, L, G) or None
   read[b, i, g] = sum_k weight[b, i, g, k] * lerp(h[b, :, g], pos[b, i, g, k])
   lerp(x, p) = (1 - f) x[p0] + f x[p1],  p0 = floor(p), p1 = min(p0 + 1, L - 1), f = p - p0
+  out = read                      when gamma is None,
+        h + gamma * read          (Adaptor-T's h') otherwise;
+  then out *= scale[..., None]    when scale is given (Adaptor-T's y = C h' of one route).
 
 pos should lie in [0, L - 1] (Adaptor-T clips it); the rows read are clamped to the sequence.
-`read` has h's dtype; products accumulate in float32. Gradients: dh (a scatter-add of the
-weighted cotangent rows), d pos = weight (h[p1] - h[p0]) . d read, d weight = lerp . d read.
+`out` has h's dtype; products accumulate in float32. Gradients: dh (the residual path plus a
+scatter-add of the weighted cotangent rows), d pos = weight (h[p1] - h[p0]) . d read,
+d weight = lerp . d read, d gamma = sum over batch and positions of read * d h', d scale =
+h' . d out. gamma and scale are inside the op so that its backward, which gathers every tap
+again anyway, also recomputes `read` for their gradients: neither read nor h' is ever kept.
 
-Backends, each with the same signature (h, pos, weight) -> read:
+Backends, each with the same signature (h, pos, weight, gamma, scale) -> out:
   reference   gathers the 2K = 2 x K taps (batch, L, G, 2K, C) at once and lets autodiff
               differentiate them: obviously right, and it keeps every tap for the backward;
-  xla         a custom_vjp that visits one location (two taps) at a time: the forward keeps
-              only its inputs, the backward gathers each tap again and scatter-adds into dh.
+  xla         a custom_vjp that visits one location (two rows) at a time: the forward keeps
+              only its inputs, the backward gathers each row again and scatter-adds into dh.
               Nothing of size 2K x h is ever live (the CPU and GPU default: gathers of
               contiguous rows and scatter-adds are native there);
   pallas_tpu  Mosaic kernels (read_pallas_tpu.py): XLA:TPU turns the scatter-add into a
@@ -34,11 +41,12 @@ F32 = jnp.float32
 ENV_VAR = "ADAPTOR_READ_BACKEND"  # overrides backend="auto" for every call in the process
 
 
-def memory_read(h, pos, weight, backend="auto"):
-  """Weighted interpolated read of K locations per position and head; see the module
-  docstring. backend: "auto" ($ADAPTOR_READ_BACKEND overrides it), one of BACKENDS, or a
-  function (h, pos, weight) -> read (the tests pass interpret-mode kernels this way)."""
-  _check(h, pos, weight)
+def memory_read(h, pos, weight, gamma=None, scale=None, backend="auto"):
+  """Weighted interpolated read of K locations per position and head, optionally as Adaptor-T's
+  scale * (h + gamma * read); see the module docstring. backend: "auto" ($ADAPTOR_READ_BACKEND
+  overrides it), one of BACKENDS, or a function (h, pos, weight, gamma, scale) -> out (the tests
+  pass interpret-mode kernels this way)."""
+  _check(h, pos, weight, gamma, scale)
   pos, weight = pos.astype(F32), weight.astype(F32)
   if backend == "auto":
     backend = os.environ.get(ENV_VAR, "auto")
@@ -50,10 +58,11 @@ def memory_read(h, pos, weight, backend="auto"):
   else:
     raise ValueError(f"memory_read: unknown backend {backend!r}; "
                      f"choose 'auto' or one of {sorted(BACKENDS)}")
-  return per_shard(call, (h, pos, weight), batched=(True, True, True), name="memory_read")
+  return per_shard(call, (h, pos, weight, gamma, scale), batched=(True, True, True, False, True),
+                   name="memory_read")
 
 
-def _check(h, pos, weight):
+def _check(h, pos, weight, gamma, scale):
   """Raises ValueError naming the argument whose shape or dtype breaks the contract."""
   def fail(msg):
     raise ValueError(f"memory_read: {msg}")
@@ -67,8 +76,12 @@ def _check(h, pos, weight):
       fail(f"{name} must be (batch, L, G, K) = {h.shape[:3] + ('K',)}, got {x.shape}")
   if pos.shape != weight.shape:
     fail(f"pos and weight must have the same shape, got {pos.shape} and {weight.shape}")
-  for name, x in (("h", h), ("pos", pos), ("weight", weight)):
-    if not jnp.issubdtype(x.dtype, jnp.floating):
+  if gamma is not None and gamma.shape != h.shape[2:]:
+    fail(f"gamma must be (G, C) = {h.shape[2:]}, got {gamma.shape}")
+  if scale is not None and scale.shape != h.shape[:3]:
+    fail(f"scale must be (batch, L, G) = {h.shape[:3]}, got {scale.shape}")
+  for name, x in (("h", h), ("pos", pos), ("weight", weight), ("gamma", gamma), ("scale", scale)):
+    if x is not None and not jnp.issubdtype(x.dtype, jnp.floating):
       fail(f"{name} must be floating point, got {x.dtype}")
 
 
@@ -80,10 +93,16 @@ def taps(pos, length):
   return p0, jnp.minimum(p0 + 1, length - 1), pos - floor
 
 
+def combine(read, h, gamma, scale):
+  """The op's output from the float32 read: h + gamma * read, times scale (each when given)."""
+  out = read if gamma is None else h.astype(F32) + gamma.astype(F32) * read
+  return out if scale is None else out * scale.astype(F32)[..., None]
+
+
 # ---------------------------------------------------------------------------------------------
 # reference: every tap at once, autodiff backward.
 
-def reference(h, pos, weight):
+def reference(h, pos, weight, gamma=None, scale=None):
   length, K = h.shape[1], pos.shape[-1]
   acc = jnp.promote_types(h.dtype, F32)
   p0, p1, f = taps(pos, length)
@@ -94,68 +113,91 @@ def reference(h, pos, weight):
   taps_BJLGC = jnp.take_along_axis(h.astype(acc), flat, axis=1).reshape(
       batch, 2 * K, length, groups, C)
   read = jnp.einsum("bjlgc,bjlg->blgc", taps_BJLGC, w_BLGJ.transpose(0, 3, 1, 2).astype(acc))
-  return read.astype(h.dtype)
+  return combine(read, h, gamma, scale).astype(h.dtype)
 
 
 # ---------------------------------------------------------------------------------------------
-# xla: one tap at a time, hand-written backward.
+# xla: one location (a window of two rows) at a time, hand-written backward.
+
+def xla(h, pos, weight, gamma=None, scale=None):
+  return _xla(h, pos, weight, gamma, scale)
+
+
+@jax.custom_vjp
+def _xla(h, pos, weight, gamma, scale):
+  p0, p1, f = (jnp.moveaxis(x, -1, 0) for x in taps(pos, h.shape[1]))
+
+  def point(xs):  # one location: its two rows, gathered from h as it is, weighted
+    i0, i1, fk, wk = xs
+    return ((wk * (1.0 - fk))[..., None] * _rows(h, i0).astype(F32)
+            + (wk * fk)[..., None] * _rows(h, i1).astype(F32))
+
+  # The first point starts the sum (a loop carry that starts as zeros is made early by XLA
+  # and kept until the loop runs).
+  xs = (p0, p1, f, jnp.moveaxis(weight, -1, 0))
+  read = jax.lax.scan(lambda acc, x: (acc + point(x), None), point(jax.tree.map(lambda a: a[0], xs)),
+                      jax.tree.map(lambda a: a[1:], xs))[0]
+  return combine(read, h, gamma, scale).astype(h.dtype)
+
 
 def _rows(h_BLGC, idx_BLG):
   """h[b, idx[b, i, g], g, :] for every (b, i, g): (batch, L, G, C)."""
   return jnp.take_along_axis(h_BLGC, idx_BLG[..., None], axis=1)
 
 
-def _per_point(x_BLGK):
-  """(K, batch, L, G): the points first, for a loop over them."""
-  return jnp.moveaxis(x_BLGK, -1, 0)
+def _xla_fwd(h, pos, weight, gamma, scale):
+  return _xla(h, pos, weight, gamma, scale), (h, pos, weight, gamma, scale)
 
 
-@jax.custom_vjp
-def xla(h, pos, weight):
-  p0, p1, f = map(_per_point, taps(pos, h.shape[1]))
-
-  def point(read, xs):  # one location: its two rows, weighted
-    i0, i1, fk, wk = xs
-    read = (read + (wk * (1.0 - fk))[..., None] * _rows(h, i0).astype(F32)
-            + (wk * fk)[..., None] * _rows(h, i1).astype(F32))
-    return read, None
-
-  read, _ = jax.lax.scan(point, jnp.zeros(h.shape, F32), (p0, p1, f, _per_point(weight)))
-  return read.astype(h.dtype)
-
-
-def _xla_fwd(h, pos, weight):
-  return xla(h, pos, weight), (h, pos, weight)
-
-
-def _xla_bwd(res, d_read):
-  h, pos, weight = res
+def _xla_bwd(res, d_out):
+  # What would repeat a forward computation (a gathered row, a broadcast of gamma or scale) is
+  # computed inside the loop, no broadcast of gamma or scale feeds a reduction outside it, and
+  # the loop's carries start from the cotangent, not from zeros: XLA:CPU merges identical
+  # computations after it has dropped optimization barriers, and computes early what does
+  # not depend on the cotangent; either keeps a tensor of h's size alive from the forward
+  # pass until here.
+  h, pos, weight, gamma, scale = res
   batch, length, groups, _ = h.shape
-  p0, p1, f = map(_per_point, taps(pos, length))
-  dr = d_read.astype(F32)
+  p0, p1, f = (jnp.moveaxis(x, -1, 0) for x in taps(pos, length))
+  d_out = d_out.astype(F32)
+  sc = jnp.ones(h.shape[:3], F32) if scale is None else scale.astype(F32)
   b_idx = jnp.arange(batch)[:, None, None]
   g_idx = jnp.arange(groups)[None, None, :]
 
-  def point(dh, xs):  # its rows again: the dots for d pos and d weight, and dh's scatter-add
+  def point(carry, xs):
+    dh, d_gamma, d_scale = carry
     i0, i1, fk, wk = xs
-    dot0 = jnp.sum(_rows(h, i0).astype(F32) * dr, axis=-1)
-    dot1 = jnp.sum(_rows(h, i1).astype(F32) * dr, axis=-1)
-    dh = dh.at[b_idx, i0, g_idx].add((wk * (1.0 - fk))[..., None] * dr)
-    dh = dh.at[b_idx, i1, g_idx].add((wk * fk)[..., None] * dr)
-    return dh, (wk * (dot1 - dot0), (1.0 - fk) * dot0 + fk * dot1)
+    g_out = d_out if gamma is None else d_out * gamma.astype(F32)  # d read = sc * g_out
+    r0, r1 = _rows(h, i0).astype(F32), _rows(h, i1).astype(F32)
+    w0, w1 = sc * wk * (1.0 - fk), sc * wk * fk
+    e0, e1 = jnp.sum(r0 * g_out, axis=-1), jnp.sum(r1 * g_out, axis=-1)
+    dh = dh.at[b_idx, i0, g_idx].add(w0[..., None] * g_out)
+    dh = dh.at[b_idx, i1, g_idx].add(w1[..., None] * g_out)
+    if gamma is not None:  # d gamma = sum of d out * sc * read
+      d_gamma = d_gamma + jnp.sum(d_out * (w0[..., None] * r0 + w1[..., None] * r1), axis=(0, 1))
+    d_scale = d_scale + wk * ((1.0 - fk) * e0 + fk * e1)  # the read's part of h' . d out
+    return (dh, d_gamma, d_scale), (sc * wk * (e1 - e0), sc * ((1.0 - fk) * e0 + fk * e1))
 
-  dh, (d_pos, d_weight) = jax.lax.scan(point, jnp.zeros(h.shape, F32),
-                                       (p0, p1, f, _per_point(weight)))
-  return dh.astype(h.dtype), jnp.moveaxis(d_pos, 0, -1), jnp.moveaxis(d_weight, 0, -1)
+  if gamma is None:
+    init = (jnp.zeros_like(d_out), None, jnp.zeros(h.shape[:3], F32))
+  else:  # h' = h + gamma * read: the residual path starts dh and d scale
+    init = (d_out * sc[..., None], jnp.zeros(gamma.shape, F32),
+            jnp.sum(d_out * h.astype(F32), axis=-1))
+  (dh, d_gamma, d_scale), (d_pos, d_weight) = jax.lax.scan(
+      point, init, (p0, p1, f, jnp.moveaxis(weight, -1, 0)))
+  return (dh.astype(h.dtype), jnp.moveaxis(d_pos, 0, -1), jnp.moveaxis(d_weight, 0, -1),
+          None if gamma is None else d_gamma.astype(gamma.dtype),
+          None if scale is None else d_scale.astype(scale.dtype))
 
 
-xla.defvjp(_xla_fwd, _xla_bwd)
+_xla.defvjp(_xla_fwd, _xla_bwd)
 
 
-def pallas_tpu(h, pos, weight, **kwargs):
+def pallas_tpu(h, pos, weight, gamma=None, scale=None, **kwargs):
   """The Mosaic kernels (read_pallas_tpu.read; kwargs: interpret, block_l)."""
   from kernels import read_pallas_tpu  # noqa: PLC0415 - it imports `taps` from here
-  return read_pallas_tpu.read(h, pos, weight, **kwargs)
+  read = read_pallas_tpu.read(h, pos, weight, **kwargs)
+  return combine(read.astype(F32), h, gamma, scale).astype(h.dtype)
 
 
 BACKENDS = {"reference": reference, "xla": xla, "pallas_tpu": pallas_tpu}
