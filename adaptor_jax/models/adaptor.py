@@ -8,8 +8,9 @@ and channel group s it reads K earlier states of that route's scan ("earlier" me
 reverse routes) at fractional locations, by linear interpolation, and adds their weighted sum:
   h'_i = h_i + gamma_r * sum_k c_k h_{p_k},   p_k = clip(i -/+ w_s sigmoid(o_k), 0, L-1),
   w_s = L / 2^(S-1-s),   o = phi_p(h_i),   c = softmax(phi_c(h_i)).
-The read is the op kernels.memory_read (its heads are the (route, group) pairs): it never
-writes the 2K interpolation taps to memory, also not for the backward.
+The read is the op kernels.memory_read (its heads are the (route, group) pairs), which also forms
+h' and multiplies it by the scan's C: it never writes the 2K interpolation taps to memory, and
+keeps neither the read nor h' for the backward (it recomputes the read there).
 """
 import dataclasses
 
@@ -68,15 +69,19 @@ class AdaptorT(nnx.Module):
       self.phi_c_bias = common.param(rngs, common.zeros, (ROUTES, S * K), "route", None)
     self.gamma = common.annotated(jnp.full((ROUTES, d_inner), gamma_init), "route", "inner")
 
-  def __call__(self, h_BLRD):
+  def __call__(self, h_BLRD, scale_BLR=None):
+    """h' = h + gamma * read of every route, times scale_BLR (the scan's C, per position and
+    route) when it is given."""
     B, L, R, D = h_BLRD.shape
     S, K = self.num_groups, self.num_points
-    if self.selection == "learned":
-      def head(w, b):
-        out = jnp.einsum("blrd,rdc->blrc", h_BLRD, w[...].astype(h_BLRD.dtype))
-        return (out.astype(jnp.float32) + b[...]).reshape(B, L, R, S, K)
-      move_BLRSK = jax.nn.sigmoid(head(self.phi_p, self.phi_p_bias))
-      c_BLRSK = jax.nn.softmax(head(self.phi_c, self.phi_c_bias), axis=-1)
+    h_BLGC = h_BLRD.reshape(B, L, R * S, D // S)  # heads = (route, group)
+    if self.selection == "learned":  # phi_p and phi_c as one product per route
+      w_RDC = jnp.concatenate([self.phi_p[...], self.phi_c[...]], axis=-1)
+      b_RC = jnp.concatenate([self.phi_p_bias[...], self.phi_c_bias[...]], axis=-1)
+      out = route_linear(h_BLGC, w_RDC.astype(h_BLRD.dtype)).astype(jnp.float32) + b_RC
+      o_BLRSK, logits_BLRSK = (x.reshape(B, L, R, S, K) for x in jnp.split(out, 2, axis=-1))
+      move_BLRSK = jax.nn.sigmoid(o_BLRSK)
+      c_BLRSK = jax.nn.softmax(logits_BLRSK, axis=-1)
     else:
       move_BLRSK = jnp.broadcast_to((jnp.arange(K) + 1.0) / K, (B, L, R, S, K))
       c_BLRSK = jnp.full((B, L, R, S, K), 1.0 / K)
@@ -85,22 +90,68 @@ class AdaptorT(nnx.Module):
     i_L = jnp.arange(L, dtype=jnp.float32)
     p_BLRSK = jnp.clip(i_L[:, None, None, None]
                        + back_R[:, None, None] * window_S[:, None] * move_BLRSK, 0.0, L - 1)
-    # heads = (route, group): each reads its own locations of its D/S channels
-    read = common.memory_read(h_BLRD.reshape(B, L, R * S, D // S), p_BLRSK.reshape(B, L, R * S, K),
-                              c_BLRSK.reshape(B, L, R * S, K))
-    gamma = self.gamma[...].astype(h_BLRD.dtype)
-    return h_BLRD + gamma * read.reshape(B, L, R, D)
+    # each head reads its own locations of its D/S channels
+    scale = None if scale_BLR is None else jnp.repeat(scale_BLR, S, axis=-1)
+    out = common.memory_read(h_BLGC, p_BLRSK.reshape(B, L, R * S, K),
+                             c_BLRSK.reshape(B, L, R * S, K),
+                             self.gamma[...].reshape(R * S, D // S), scale)
+    return out.reshape(B, L, R, D)
+
+
+@jax.custom_vjp
+def route_linear(x_BLGC, w_RDC):
+  """Each route's own linear map of its states, x given as the read's heads (G = routes x
+  groups, C = D / groups): einsum("blrd,rdc->blrc") of x as (B, L, R, D). Taking the heads
+  makes x the very array the read keeps (XLA:CPU would keep a second copy of another shape).
+  XLA lays x out routes-first for the product; the backward takes each route's d w in a loop
+  over the routes, so that nothing in it repeats that layout (XLA:CPU would merge the two and
+  keep the copy until the backward)."""
+  return jnp.einsum("blrd,rdc->blrc", _by_route(x_BLGC, w_RDC), w_RDC)
+
+
+def _by_route(x_BLGC, w_RDC):
+  B, L = x_BLGC.shape[:2]
+  return x_BLGC.reshape(B, L, w_RDC.shape[0], w_RDC.shape[1])
+
+
+def _route_linear_fwd(x_BLGC, w_RDC):
+  return route_linear(x_BLGC, w_RDC), (x_BLGC, w_RDC)
+
+
+def _route_linear_bwd(res, g_BLRC):
+  x_BLGC, w_RDC = res
+  B, L, G, C = x_BLGC.shape
+  S = G // w_RDC.shape[0]  # heads per route
+
+  def route(r):  # sliced inside the loop from x as it is kept
+    x_BLD = jax.lax.dynamic_slice_in_dim(x_BLGC, r * S, S, axis=2).reshape(B, L, S * C)
+    return jnp.einsum("bld,blc->dc", x_BLD, g_BLRC[:, :, r])
+
+  dx = jnp.einsum("blrc,rdc->blrd", g_BLRC, w_RDC).reshape(x_BLGC.shape)
+  dw = jax.lax.map(route, jnp.arange(w_RDC.shape[0]))
+  return dx.astype(x_BLGC.dtype), dw.astype(w_RDC.dtype)
+
+
+route_linear.defvjp(_route_linear_fwd, _route_linear_bwd)
 
 
 class AdaptorS(nnx.Module):
-  """y + sum_d DWConv3x3_dilation=d(y) on the merged SS2D output y_BHWD."""
+  """y + sum_d DWConv3x3_dilation=d(y) on the merged SS2D output y_BHWD.
+
+  The params are those of three depthwise nnx.Conv (convs[i].kernel (3, 3, 1, D), .bias (D,)),
+  but the sum is computed as one stencil (common.dilated_dwconvs): XLA:CPU lowers a depthwise
+  convolution's weight gradient as a dense D x D one, and three convolutions pass over y three
+  times where one fused pass reads it once."""
 
   def __init__(self, d_inner, cfg: AdaptorConfig, *, zero_init, dtype, rngs):
     init = common.zeros if zero_init else None
+    self.dilations = tuple(cfg.dilations)
     self.convs = nnx.List([
         common.conv(d_inner, d_inner, 3, groups=d_inner, dilation=d, init=init, dtype=dtype,
                     names=(None, None, None, "inner"), rngs=rngs)
         for d in cfg.dilations])
 
   def __call__(self, y_BHWD):
-    return y_BHWD + sum(conv(y_BHWD) for conv in self.convs)
+    kernel_N33D = jnp.stack([c.kernel[...][:, :, 0] for c in self.convs])
+    bias_ND = jnp.stack([c.bias[...] for c in self.convs])
+    return y_BHWD + common.dilated_dwconvs(y_BHWD, kernel_N33D, bias_ND, self.dilations)

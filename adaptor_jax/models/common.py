@@ -5,10 +5,11 @@ training code can map them onto its mesh:
   embed   model width C                     mlp      MLP hidden width
   inner   SS2D / Mamba inner width Di       classes  classifier outputs
   route   the four SS2D scan routes         None     never sharded (small axes)
-Four ops are jitted under fixed names (`layer_norm`, `global_avg_pool`, `selective_scan`,
-`memory_read`) so the FLOP counter (counting.py) can find them in a traced model and count them
-like fvcore does.
+Five ops are jitted under fixed names (`layer_norm`, `global_avg_pool`, `selective_scan`,
+`memory_read`, `dilated_dwconvs`) so the FLOP counter (counting.py) can find them in a traced
+model and count them like fvcore does.
 """
+import functools
 import math
 
 import jax
@@ -64,6 +65,68 @@ def layer_norm(x, scale, bias, eps=1e-5):
 @jax.jit
 def global_avg_pool(x_BHWC):
   return x_BHWC.mean(axis=(1, 2))
+
+
+def _stencil_taps(dilations):
+  """The (n, a, b) kernel entries that are not a centre, and their (row, column) offsets."""
+  return [(n, a, b, (a - 1) * d, (b - 1) * d) for n, d in enumerate(dilations)
+          for a in range(3) for b in range(3) if (a, b) != (1, 1)]
+
+
+def _stencil(x_BHWD, k_N33D, dilations, sign):
+  """sum over taps of k * x shifted by sign * offset (zero outside), plus the centre taps."""
+  _, H, W, _ = x_BHWD.shape
+  P = max(dilations)
+  x_pad = jnp.pad(x_BHWD, [(0, 0), (P, P), (P, P), (0, 0)])
+  out = x_BHWD * k_N33D[:, 1, 1].sum(0)
+  for n, a, b, dy, dx in _stencil_taps(dilations):
+    top, left = P + sign * dy, P + sign * dx
+    out = out + x_pad[:, top:top + H, left:left + W] * k_N33D[n, a, b]
+  return out
+
+
+@functools.partial(jax.jit, static_argnames=("dilations",))
+def dilated_dwconvs(y_BHWD, kernel_N33D, bias_ND, dilations):
+  """sum_n DWConv3x3(y, kernel[n], dilation=dilations[n], zero "same" padding) + bias[n]: the
+  N depthwise convolutions as one stencil of 1 + 8N shifted multiply-adds over a zero-padded y
+  (the N centre taps share one), which XLA fuses into one pass. Its backward is the mirrored
+  stencil for dy and one product-sum per tap for the kernel. Products accumulate in float32;
+  the result has y's dtype."""
+  return _dwconvs(y_BHWD, kernel_N33D, bias_ND, dilations)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _dwconvs(y_BHWD, kernel_N33D, bias_ND, dilations):
+  acc = jnp.promote_types(y_BHWD.dtype, jnp.float32)
+  out = _stencil(y_BHWD.astype(acc), kernel_N33D.astype(acc), dilations, 1)
+  return (out + bias_ND.astype(acc).sum(0)).astype(y_BHWD.dtype)
+
+
+def _dwconvs_fwd(y_BHWD, kernel_N33D, bias_ND, dilations):
+  return _dwconvs(y_BHWD, kernel_N33D, bias_ND, dilations), (y_BHWD, kernel_N33D, bias_ND)
+
+
+def _dwconvs_bwd(dilations, res, g_BHWD):
+  """dy is the mirrored stencil of g; d kernel[tap] = sum of y times g shifted against the tap.
+  Only g is shifted here: shifts of y would be the forward's, which XLA:CPU merges with these
+  (its CSE runs after optimization barriers are gone) and so keeps from forward to backward."""
+  y_BHWD, kernel_N33D, bias_ND = res
+  _, H, W, _ = y_BHWD.shape
+  acc = jnp.promote_types(y_BHWD.dtype, jnp.float32)
+  g, y, k = g_BHWD.astype(acc), y_BHWD.astype(acc), kernel_N33D.astype(acc)
+  P = max(dilations)
+  g_pad = jnp.pad(g, [(0, 0), (P, P), (P, P), (0, 0)])
+  dy = g * k[:, 1, 1].sum(0)
+  dk = jnp.zeros(k.shape, acc).at[:, 1, 1].set(jnp.sum(y * g, axis=(0, 1, 2)))
+  for n, a, b, oy, ox in _stencil_taps(dilations):
+    g_shift = g_pad[:, P - oy:P - oy + H, P - ox:P - ox + W]
+    dy = dy + g_shift * k[n, a, b]
+    dk = dk.at[n, a, b].set(jnp.sum(y * g_shift, axis=(0, 1, 2)))
+  db = jnp.broadcast_to(g.sum(axis=(0, 1, 2)), bias_ND.shape)
+  return dy.astype(y_BHWD.dtype), dk.astype(kernel_N33D.dtype), db.astype(bias_ND.dtype)
+
+
+_dwconvs.defvjp(_dwconvs_fwd, _dwconvs_bwd)
 
 
 selective_scan = jax.jit(

@@ -8,8 +8,10 @@ The model is traced to a jaxpr (no compute) and its equations are counted:
   selective_scan         9 B L D N + B L D (VMamba's count: its D term included)
   memory_read            2K per element of the read (its weighted sum of 2K interpolation taps,
                          the multiply-adds of the einsum it replaces)
+  dilated_dwconvs        9 N per element of y (Adaptor-S's N depthwise 3x3 convolutions, counted
+                         as the convolutions they are)
 Everything else (activations, additions, element-wise products, gathers) counts 0, as in fvcore.
-The last four are found by the names under which adaptor_jax.models.common jits them.
+The last five are found by the names under which adaptor_jax.models.common jits them.
 """
 import math
 
@@ -52,6 +54,8 @@ NAMED = {
     "global_avg_pool": lambda eqn: math.prod(eqn.invars[0].aval.shape),
     "selective_scan": _scan,
     "memory_read": lambda eqn: 2 * eqn.invars[1].aval.shape[-1] * math.prod(
+        eqn.invars[0].aval.shape),
+    "dilated_dwconvs": lambda eqn: 9 * eqn.invars[1].aval.shape[0] * math.prod(
         eqn.invars[0].aval.shape),
 }
 

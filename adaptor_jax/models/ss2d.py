@@ -7,8 +7,10 @@ dt_proj (R -> Di) gives delta. The routes are merged by summing them back in (H,
 out_norm -> out_proj.
 
 With an adaptor the scan runs with C = 1 and D = 0, which for N = 1 returns the hidden states h;
-Adaptor-T rewrites them and the output y = C * h' + D * u is formed here, route by route.
-Adaptor-S acts on the merged y before out_norm.
+Adaptor-T returns C * h' (its read op applies C); the routes' D * u, merged, is (sum_r D_r) * u,
+added once after the merge.
+Adaptor-S acts on the merged y before out_norm. Nothing is rematerialised: the read op and
+Adaptor-S keep only their inputs for the backward.
 """
 import math
 
@@ -72,22 +74,15 @@ class SS2D(nnx.Module):
         ones_BLJN if adapt else C_BLIJN[:, :, i], None if adapt else D_IE[i], None, bias_IE[i],
         delta_softplus=True, reverse=bool(i), backend=self.scan_backend) for i in (0, 1)]
     y_BLRD = jnp.stack(outs, axis=2).reshape(Bsz, L, ROUTES, Di)
-    if adapt:  # the scan returned h: the adaptors, then y = C * h' + D * u, merged; their
-      # intermediates are route-sized, so the backward recomputes them from h (kept anyway)
-      adapted = lambda h, C, xs: self._adapted(h, C, xs, H, W)  # reads params, mutates nothing
-      y_BHWD = jax.checkpoint(adapted, policy=jax.checkpoint_policies.nothing_saveable)(
-          y_BLRD, C_BLIJN, xs_BLJD)
-    else:
-      y_BHWD = merge_routes(y_BLRD, H, W)
-    return self.out_proj(self.out_norm(y_BHWD))
-
-  def _adapted(self, h_BLRD, C_BLIJN, xs_BLJD, H, W):
-    Bsz, L, _, Di = h_BLRD.shape
-    h_BLRD = self.adaptor_t(h_BLRD)
-    Du_BLIJD = self.D[...].astype(h_BLRD.dtype).reshape(2, 2, Di) * xs_BLJD[:, :, None]
-    y_BLRD = C_BLIJN.reshape(Bsz, L, ROUTES, -1) * h_BLRD + Du_BLIJD.reshape(Bsz, L, ROUTES, Di)
+    if adapt:  # the scan returned h: Adaptor-T forms C * h' route by route
+      y_BLRD = self.adaptor_t(y_BLRD, C_BLIJN.reshape(Bsz, L, ROUTES))
     y_BHWD = merge_routes(y_BLRD, H, W)
-    return y_BHWD if self.adaptor_s is None else self.adaptor_s(y_BHWD)
+    if adapt:  # + D * u of every route: merged, that is (sum of the routes' D) * u, with u
+      # taken from the rows sequence the scan keeps (u itself would be one more tensor kept)
+      y_BHWD = y_BHWD + self.D[...].sum(0).astype(cdt) * xs_BLJD[:, :, 0].reshape(u_BHWD.shape)
+    if self.adaptor_s is not None:
+      y_BHWD = self.adaptor_s(y_BHWD)
+    return self.out_proj(self.out_norm(y_BHWD))
 
 
 def merge_routes(y_BLRD, H, W):
