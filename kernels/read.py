@@ -2,14 +2,17 @@
 
   out = memory_read(h, pos, weight, gamma=None, scale=None, backend="auto")
   h: (batch, L, G, C)         G independent heads (Adaptor-T: route x channel group), C channels
-  pos, weight: (batch, L, G, K) float32: K locations per position and head, and their weights
-  gamma: (G, C) or None;  scale: (batch, L, G) or None
-  read[b, i, g] = sum_k weight[b, i, g, k] * lerp(h[b, :, g], pos[b, i, g, k])
+  pos, weight: (batch, G, K, L) float32: K locations per head and position, and their weights
+  gamma: (G, C) or None;  scale: (batch, G, L) or None
+  read[b, i, g] = sum_k weight[b, g, k, i] * lerp(h[b, :, g], pos[b, g, k, i])
   lerp(x, p) = (1 - f) x[p0] + f x[p1],  p0 = floor(p), p1 = min(p0 + 1, L - 1), f = p - p0
   out = read                      when gamma is None,
         h + gamma * read          (Adaptor-T's h') otherwise;
-  then out *= scale[..., None]    when scale is given (Adaptor-T's y = C h' of one route).
+  then out[b, i, g] *= scale[b, g, i] when scale is given (Adaptor-T's y = C h' of one route).
 
+The per-position arguments put the positions last: on TPU an array's last axis is padded to 128
+lanes, and (batch, L, G, K) would be padded 32-fold; h keeps a head's channels last, its
+heads side by side (batch, L, G x C) in the Pallas kernels.
 pos should lie in [0, L - 1] (Adaptor-T clips it); the rows read are clamped to the sequence.
 `out` has h's dtype; products accumulate in float32. Gradients: dh (the residual path plus a
 scatter-add of the weighted cotangent rows), d pos = weight (h[p1] - h[p0]) . d read,
@@ -69,17 +72,18 @@ def _check(h, pos, weight, gamma, scale):
 
   if h.ndim != 4:
     fail(f"h must be (batch, L, G, C), got shape {h.shape}")
-  if h.shape[1] == 0:
+  batch, length, groups, _ = h.shape
+  if length == 0:
     fail("h has length L = 0")
   for name, x in (("pos", pos), ("weight", weight)):
-    if x.ndim != 4 or x.shape[:3] != h.shape[:3]:
-      fail(f"{name} must be (batch, L, G, K) = {h.shape[:3] + ('K',)}, got {x.shape}")
+    if x.ndim != 4 or x.shape[:2] != (batch, groups) or x.shape[3] != length:
+      fail(f"{name} must be (batch, G, K, L) = {(batch, groups, 'K', length)}, got {x.shape}")
   if pos.shape != weight.shape:
     fail(f"pos and weight must have the same shape, got {pos.shape} and {weight.shape}")
   if gamma is not None and gamma.shape != h.shape[2:]:
     fail(f"gamma must be (G, C) = {h.shape[2:]}, got {gamma.shape}")
-  if scale is not None and scale.shape != h.shape[:3]:
-    fail(f"scale must be (batch, L, G) = {h.shape[:3]}, got {scale.shape}")
+  if scale is not None and scale.shape != (batch, groups, length):
+    fail(f"scale must be (batch, G, L) = {(batch, groups, length)}, got {scale.shape}")
   for name, x in (("h", h), ("pos", pos), ("weight", weight), ("gamma", gamma), ("scale", scale)):
     if x is not None and not jnp.issubdtype(x.dtype, jnp.floating):
       fail(f"{name} must be floating point, got {x.dtype}")
@@ -93,18 +97,30 @@ def taps(pos, length):
   return p0, jnp.minimum(p0 + 1, length - 1), pos - floor
 
 
+def positions_first(x):
+  """(batch, G, [K,] L) -> (batch, L, G[, K]): a per-position argument in h's order."""
+  return jnp.moveaxis(x, -1, 1)
+
+
+def _per_point(x_BGKL):
+  """(K, batch, L, G): the points first, for a loop over them."""
+  return jnp.transpose(x_BGKL, (2, 0, 3, 1))
+
+
 def combine(read, h, gamma, scale):
-  """The op's output from the float32 read: h + gamma * read, times scale (each when given)."""
+  """The op's output from the float32 read (batch, L, G, C): h + gamma * read, times scale
+  (each when given)."""
   out = read if gamma is None else h.astype(F32) + gamma.astype(F32) * read
-  return out if scale is None else out * scale.astype(F32)[..., None]
+  return out if scale is None else out * positions_first(scale.astype(F32))[..., None]
 
 
 # ---------------------------------------------------------------------------------------------
 # reference: every tap at once, autodiff backward.
 
 def reference(h, pos, weight, gamma=None, scale=None):
-  length, K = h.shape[1], pos.shape[-1]
+  length, K = h.shape[1], pos.shape[2]
   acc = jnp.promote_types(h.dtype, F32)
+  pos, weight = positions_first(pos), positions_first(weight)  # (batch, L, G, K)
   p0, p1, f = taps(pos, length)
   idx_BLGJ = jnp.concatenate([p0, p1], axis=-1)  # J = 2K taps
   w_BLGJ = jnp.concatenate([weight * (1.0 - f), weight * f], axis=-1)
@@ -117,7 +133,7 @@ def reference(h, pos, weight, gamma=None, scale=None):
 
 
 # ---------------------------------------------------------------------------------------------
-# xla: one location (a window of two rows) at a time, hand-written backward.
+# xla: one location (two rows) at a time, hand-written backward.
 
 def xla(h, pos, weight, gamma=None, scale=None):
   return _xla(h, pos, weight, gamma, scale)
@@ -125,7 +141,7 @@ def xla(h, pos, weight, gamma=None, scale=None):
 
 @jax.custom_vjp
 def _xla(h, pos, weight, gamma, scale):
-  p0, p1, f = (jnp.moveaxis(x, -1, 0) for x in taps(pos, h.shape[1]))
+  p0, p1, f = map(_per_point, taps(pos, h.shape[1]))
 
   def point(xs):  # one location: its two rows, gathered from h as it is, weighted
     i0, i1, fk, wk = xs
@@ -134,9 +150,9 @@ def _xla(h, pos, weight, gamma, scale):
 
   # The first point starts the sum (a loop carry that starts as zeros is made early by XLA
   # and kept until the loop runs).
-  xs = (p0, p1, f, jnp.moveaxis(weight, -1, 0))
-  read = jax.lax.scan(lambda acc, x: (acc + point(x), None), point(jax.tree.map(lambda a: a[0], xs)),
-                      jax.tree.map(lambda a: a[1:], xs))[0]
+  xs = (p0, p1, f, _per_point(weight))
+  first, rest = jax.tree.map(lambda a: a[0], xs), jax.tree.map(lambda a: a[1:], xs)
+  read = jax.lax.scan(lambda acc, x: (acc + point(x), None), point(first), rest)[0]
   return combine(read, h, gamma, scale).astype(h.dtype)
 
 
@@ -158,9 +174,9 @@ def _xla_bwd(res, d_out):
   # pass until here.
   h, pos, weight, gamma, scale = res
   batch, length, groups, _ = h.shape
-  p0, p1, f = (jnp.moveaxis(x, -1, 0) for x in taps(pos, length))
+  p0, p1, f = map(_per_point, taps(pos, length))
   d_out = d_out.astype(F32)
-  sc = jnp.ones(h.shape[:3], F32) if scale is None else scale.astype(F32)
+  sc = jnp.ones(h.shape[:3], F32) if scale is None else positions_first(scale.astype(F32))
   b_idx = jnp.arange(batch)[:, None, None]
   g_idx = jnp.arange(groups)[None, None, :]
 
@@ -184,10 +200,11 @@ def _xla_bwd(res, d_out):
     init = (d_out * sc[..., None], jnp.zeros(gamma.shape, F32),
             jnp.sum(d_out * h.astype(F32), axis=-1))
   (dh, d_gamma, d_scale), (d_pos, d_weight) = jax.lax.scan(
-      point, init, (p0, p1, f, jnp.moveaxis(weight, -1, 0)))
-  return (dh.astype(h.dtype), jnp.moveaxis(d_pos, 0, -1), jnp.moveaxis(d_weight, 0, -1),
+      point, init, (p0, p1, f, _per_point(weight)))
+  back = lambda x: jnp.transpose(x, (1, 3, 0, 2))  # (K, batch, L, G) -> (batch, G, K, L)
+  return (dh.astype(h.dtype), back(d_pos), back(d_weight),
           None if gamma is None else d_gamma.astype(gamma.dtype),
-          None if scale is None else d_scale.astype(scale.dtype))
+          None if scale is None else jnp.moveaxis(d_scale, 1, -1).astype(scale.dtype))
 
 
 _xla.defvjp(_xla_fwd, _xla_bwd)
@@ -196,8 +213,7 @@ _xla.defvjp(_xla_fwd, _xla_bwd)
 def pallas_tpu(h, pos, weight, gamma=None, scale=None, **kwargs):
   """The Mosaic kernels (read_pallas_tpu.read; kwargs: interpret, block_l)."""
   from kernels import read_pallas_tpu  # noqa: PLC0415 - it imports `taps` from here
-  read = read_pallas_tpu.read(h, pos, weight, **kwargs)
-  return combine(read.astype(F32), h, gamma, scale).astype(h.dtype)
+  return read_pallas_tpu.read(h, pos, weight, gamma, scale, **kwargs)
 
 
 BACKENDS = {"reference": reference, "xla": xla, "pallas_tpu": pallas_tpu}

@@ -2,23 +2,30 @@
 
 XLA:TPU makes a serial loop of the scatter-add in the read's backward and moves whole (8, 128)
 tiles for each gathered row of C channels: one Adaptor-T layer of b2 at batch 32 accessed
-1.3 TB. Here the rows never leave VMEM.
+1.3 TB. Here the rows never leave VMEM, and gamma and scale are applied inside the kernels:
+neither the read nor h' is written to HBM, in either direction.
 
 Layout: h as it comes, (batch, L, G x C) with the G heads side by side in the lanes (no
 transpose, and no padding of a head's C channels to 128 lanes). Both kernels run on a grid
 (batch, L chunks), chunk axis sequential. The image's whole sequence h[b] (L, G x C) stays in
-VMEM across its chunks (cast once to float32 scratch); the chunk's tap rows and tap weights
-(block_l x G x 2K each) are copied into SMEM, where the scalar unit reads them and addresses one
-row of h per tap, over the 128-lane window that holds the tap's head; a lane mask keeps the
-head's channels:
+VMEM across its chunks (cast once to float32 scratch). Per chunk, its positions' tables are
+copied into SMEM, where the scalar unit reads them: the first row read, its fraction and its
+weight for every (head, point), and the scale of every head. Each is built in XLA from the
+positions-last arguments as one slab per chunk (lane-dense: nothing per position is padded
+to 128 lanes). The kernels address one row of h per tap, over the 128-lane window that holds
+the tap's head; a lane mask keeps the head's channels:
 
-* forward: read_t = sum_g mask_g sum_j w_tgj h[p_tgj], written as a block;
-* backward: for every tap, dot_tgj = <mask_g h[p_tgj], d read_t> (written out: d pos and
-  d weight are elementwise in them) and dh[p_tgj] += w_tgj mask_g d read_t into a float32
-  accumulator of the whole image that stays in VMEM over the chunks and is written once, after
-  the last one.
-Residuals are the inputs only (h, pos, weight): no tap is ever written to HBM. Positions past L
-in a ragged last chunk have zero tap weights and a masked cotangent.
+* forward: out_t = scale_tg (h_t + gamma read_t) over head g's lanes, read_t = sum_k (1 - f)
+  w h[p0] + f w h[p1];
+* backward: with e = d out * gamma, for every tap the dot <h[p], e> over its head (written
+  out, one row of lanes per position: d pos, d weight and the read's part of d scale are
+  element-wise in them, in XLA) and dh[p] += scale w e into a float32 accumulator of the whole
+  image that stays in VMEM over the chunks and is written once, after the last one; the
+  residual path dh_t += scale d out_t, the dot <h_t, d out_t> per head for d scale, and
+  d gamma += scale d out_t read_t (read again from the rows already loaded) accumulated over
+  the image's chunks.
+Residuals are the inputs only (h, pos, weight, gamma, scale). Positions past L in a ragged last
+chunk have zero tap weights and a masked cotangent.
 """
 import dataclasses
 import functools
@@ -37,7 +44,8 @@ VMEM_LIMIT_BYTES = 96 * 2**20  # above Mosaic's 16 MiB default when the whole im
 
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
-  """block_l: positions per grid step (their taps sit in SMEM: 2 x block_l x G x 2K words)."""
+  """block_l: positions per grid step (their tables sit in SMEM: 3 x block_l x G x K words,
+  and block_l x G for the scale)."""
   block_l: int = 32
 
 
@@ -46,9 +54,11 @@ class _Config:
   length: int
   heads: int  # G
   channels: int  # C per head
-  taps: int  # J = 2K per head
+  points: int  # K
   block_l: int
   cast: bool  # h is not float32: keep a float32 copy of the image in VMEM
+  gamma: bool  # out = h + gamma * read (else the read)
+  scale: bool  # out *= scale
   interpret: Any
 
   @property
@@ -60,66 +70,93 @@ class _Config:
     return self.heads * self.channels
 
   @property
-  def table_size(self):  # a chunk's taps, padded to whole rows of 128 (and of 8 rows)
-    return pl.cdiv(self.block_l * self.heads * self.taps, 1024) * 1024
+  def dot_lanes(self):  # per position: e0 and e1 of every (head, point), then <h, d out> per head
+    return 2 * self.heads * self.points + self.heads
+
+  def table_rows(self, per_position):  # a chunk's slab of 128-word rows, whole (8, 128) tiles
+    return pl.cdiv(per_position * self.block_l, 1024) * 8
 
 
-def read(h, pos, weight, *, interpret=False, block_l=None):
-  """memory_read on TPU: h (batch, L, G, C), pos and weight (batch, L, G, K) float32."""
+def read(h, pos, weight, gamma=None, scale=None, *, interpret=False, block_l=None):
+  """memory_read on TPU: h (batch, L, G, C), pos and weight (batch, G, K, L) float32, gamma
+  (G, C) or None, scale (batch, G, L) or None."""
   batch, length, groups, C = h.shape
   bl = block_l or BlockSizes().block_l
   bl = length if bl >= length else bl
   if bl != length and bl % 8:
     raise ValueError(f"block_l={bl} must be a multiple of 8 (or at least L={length})")
-  cfg = _Config(length, groups, C, 2 * pos.shape[-1], bl, h.dtype != F32, interpret)
-  return _read(cfg, h, pos, weight)
+  cfg = _Config(length, groups, C, pos.shape[2], bl, h.dtype != F32, gamma is not None,
+                scale is not None, interpret)
+  return _read(cfg, h, pos, weight, gamma, scale)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _read(cfg, h, pos, weight):
-  idx, tw = _tap_tables(cfg, pos, weight)
-  batch = h.shape[0]
-  return _forward(cfg, idx, tw, h.reshape(batch, cfg.length, cfg.width)).reshape(h.shape)
+def _read(cfg, h, pos, weight, gamma, scale):
+  tables = _tables(cfg, pos, weight, scale)
+  out = _forward(cfg, tables, _lanes(h), _gamma_row(cfg, gamma))
+  return out.reshape(h.shape)
 
 
-def _read_fwd(cfg, h, pos, weight):
-  return _read(cfg, h, pos, weight), (h, pos, weight)
+def _read_fwd(cfg, h, pos, weight, gamma, scale):
+  return _read(cfg, h, pos, weight, gamma, scale), (h, pos, weight, gamma, scale)
 
 
-def _read_bwd(cfg, res, d_read):
-  h, pos, weight = res
-  batch, length, groups, K = pos.shape
-  idx, tw = _tap_tables(cfg, pos, weight)
-  flat = lambda x: x.reshape(batch, length, cfg.width)
-  dh, dots = _backward(cfg, idx, tw, flat(h), flat(d_read))
-  dot0, dot1 = dots[:, :length, :groups * K], dots[:, :length, groups * K:]
-  f = taps(pos.reshape(batch, length, groups * K), length)[2]
-  w = weight.reshape(f.shape)
-  return (dh.reshape(h.shape), (w * (dot1 - dot0)).reshape(pos.shape),
-          ((1.0 - f) * dot0 + f * dot1).reshape(pos.shape))
+def _read_bwd(cfg, res, d_out):
+  h, pos, weight, gamma, scale = res
+  batch, G, K, L = pos.shape
+  tables = _tables(cfg, pos, weight, scale)
+  dh, dots, d_gamma = _backward(cfg, tables, _lanes(h), _lanes(d_out), _gamma_row(cfg, gamma))
+  dots = jnp.moveaxis(dots[:, :L], 1, -1)  # positions last: (batch, lanes, L)
+  e0 = dots[:, :G * K].reshape(batch, G, K, L)
+  e1 = dots[:, G * K:2 * G * K].reshape(batch, G, K, L)
+  f = taps(pos, L)[2]
+  sc = 1.0 if scale is None else scale.astype(F32)[:, :, None]
+  lerp_dot = (1.0 - f) * e0 + f * e1  # <lerp of the rows, d out * gamma>
+  d_scale = None
+  if scale is not None:
+    d_scale = jnp.sum(weight * lerp_dot, axis=2)
+    if gamma is not None:
+      d_scale = d_scale + dots[:, 2 * G * K:]
+    d_scale = d_scale.astype(scale.dtype)
+  return (dh.reshape(h.shape), sc * weight * (e1 - e0), sc * lerp_dot,
+          None if gamma is None else d_gamma.sum(0).reshape(gamma.shape).astype(gamma.dtype),
+          d_scale)
 
 
 _read.defvjp(_read_fwd, _read_bwd)
 
 
-def _tap_tables(cfg, pos, weight):
-  """Per image and chunk, (batch, n_chunks, rows, 128) tables of the rows read (int32) and their
-  weights: the chunk's block_l x 2GK entries in (position, tap) order, tap j = which x GK + g x K
-  + k (which 0: the floor row, 1: the next one), laid out 128 to a row so that the chunk is one
-  dense tile-aligned slab to copy. Padded positions read row 0 with weight 0. Everything here
-  keeps a lane-dense last axis: (G, K) or a trailing (K, 2) would be padded to 128 lanes."""
-  batch, length = pos.shape[:2]
-  p0, p1, f = taps(pos.reshape(batch, length, -1), cfg.length)
-  w = weight.reshape(f.shape)
-  pad = cfg.n_chunks * cfg.block_l - length
-  n = cfg.block_l * cfg.heads * cfg.taps
+def _lanes(x_BLGC):
+  batch, length, groups, C = x_BLGC.shape
+  return x_BLGC.reshape(batch, length, groups * C)
 
-  def table(a, b):
-    x = jnp.pad(jnp.concatenate([a, b], axis=-1), [(0, 0), (0, pad), (0, 0)])
-    x = jnp.pad(x.reshape(batch, cfg.n_chunks, n), [(0, 0), (0, 0), (0, cfg.table_size - n)])
-    return x.reshape(batch, cfg.n_chunks, cfg.table_size // 128, 128)
 
-  return table(p0, p1), table(w * (1.0 - f), w * f)
+def _gamma_row(cfg, gamma):
+  return None if gamma is None else gamma.astype(F32).reshape(1, cfg.width)
+
+
+def _tables(cfg, pos, weight, scale):
+  """The SMEM tables of every image and chunk, (batch, n_chunks, rows, 128): the first row read
+  (int32), its fraction and the weight of every (head, point), entry (g K + k) block_l + t for
+  the chunk's position t; and the scale of every head, entry g block_l + t. Padded positions
+  read row 0 with weight 0."""
+  batch, G, K, L = pos.shape
+  p0, _, f = taps(pos, L)
+  pad = cfg.n_chunks * cfg.block_l - L
+
+  def table(x_BNL, rows):  # (batch, N, L) -> (batch, n_chunks, rows, 128)
+    n = x_BNL.shape[1] * cfg.block_l
+    x = jnp.pad(x_BNL, [(0, 0), (0, 0), (0, pad)])
+    x = x.reshape(batch, -1, cfg.n_chunks, cfg.block_l).transpose(0, 2, 1, 3)
+    x = jnp.pad(x.reshape(batch, cfg.n_chunks, n), [(0, 0), (0, 0), (0, rows * 128 - n)])
+    return x.reshape(batch, cfg.n_chunks, rows, 128)
+
+  rows = cfg.table_rows(G * K)
+  flat = lambda x: x.reshape(batch, G * K, L)
+  out = [table(flat(p0), rows), table(flat(f), rows), table(flat(weight), rows)]
+  if scale is not None:
+    out.append(table(scale.astype(F32), cfg.table_rows(G)))
+  return out
 
 
 def _vmem_bytes(cfg, itemsize, backward):
@@ -128,44 +165,48 @@ def _vmem_bytes(cfg, itemsize, backward):
   image, chunk = pad(cfg.length, cfg.width), pad(cfg.block_l, cfg.width)
   image_in = pad(cfg.length, cfg.width, itemsize)
   chunk_in = pad(cfg.block_l, cfg.width, itemsize)
-  dots = pad(cfg.block_l, cfg.heads * cfg.taps)
-  if backward:  # h and dh blocks, the d read chunk, the dots block; f32 copy, dh, dr, dots
-    return 2 * (2 * image_in + chunk_in + dots) + image * (1 + cfg.cast) + chunk + dots
-  return 2 * (image_in + chunk_in) + image * cfg.cast + chunk
+  row = pad(1, cfg.width)
+  dots = pad(cfg.block_l, cfg.dot_lanes)
+  if backward:  # h and dh blocks, the d out chunk, the dots block, gamma and d gamma rows;
+    # f32 copy, dh, d out, dots and d gamma scratch
+    return (2 * (2 * image_in + chunk_in + dots + 2 * row) + image * (1 + cfg.cast) + chunk
+            + dots + row)
+  return 2 * (image_in + chunk_in + row) + image * cfg.cast + chunk
 
 
-def _call(cfg, kernel, name, out_shape, in_specs, out_specs, scratch, args, backward):
+def _call(cfg, kernel, name, out_shape, in_specs, out_specs, scratch, tables, args, backward):
   batch = args[0].shape[0]
-  need = _vmem_bytes(cfg, args[2].dtype.itemsize, backward)
+  need = _vmem_bytes(cfg, args[0].dtype.itemsize, backward)
   if need > VMEM_LIMIT_BYTES:
     raise ValueError(f"memory_read pallas_tpu: an image of L={cfg.length} x G*C={cfg.width} "
                      f"needs {need / 2**20:.0f} MiB of VMEM (limit "
                      f"{VMEM_LIMIT_BYTES / 2**20:.0f} MiB); use backend='xla'")
-  rows = cfg.table_size // 128
-  scratch = scratch + [pltpu.SMEM((rows, 128), jnp.int32), pltpu.SMEM((rows, 128), F32),
-                       pltpu.SemaphoreType.DMA((2,))]
+  smem = [pltpu.SMEM(t.shape[2:], t.dtype) for t in tables]
+  scratch = scratch + smem + [pltpu.SemaphoreType.DMA((len(tables),))]
+  present = [a for a in args if a is not None]
+  specs = [s for a, s in zip(args, in_specs) if a is not None]
   return pl.pallas_call(
       functools.partial(kernel, cfg), out_shape=out_shape, grid=(batch, cfg.n_chunks),
-      in_specs=[pl.BlockSpec(memory_space=pl.ANY)] * 2 + in_specs, out_specs=out_specs,
-      scratch_shapes=scratch, interpret=cfg.interpret, name=name,
+      in_specs=[pl.BlockSpec(memory_space=pl.ANY)] * len(tables) + specs,
+      out_specs=out_specs, scratch_shapes=scratch, interpret=cfg.interpret, name=name,
       compiler_params=pltpu.CompilerParams(
           dimension_semantics=("parallel", "arbitrary"),
           vmem_limit_bytes=max(need * 5 // 4, 16 * 2**20) if need > 12 * 2**20 else None),
-  )(*args)
+  )(*tables, *present)
 
 
 def _specs(cfg):
   image = pl.BlockSpec((None, cfg.length, cfg.width), lambda b, c: (b, 0, 0))
   chunk = pl.BlockSpec((None, cfg.block_l, cfg.width), lambda b, c: (b, c, 0))
-  dots = pl.BlockSpec((None, cfg.block_l, cfg.heads * cfg.taps), lambda b, c: (b, c, 0))
-  return image, chunk, dots
+  row = pl.BlockSpec((1, cfg.width), lambda b, c: (0, 0))
+  return image, chunk, row
 
 
-def _load_taps(idx_hbm, w_hbm, idx_s, w_s, sem):
-  """The chunk's tap rows and weights, HBM -> SMEM."""
+def _load_tables(hbm_refs, smem_refs, sem):
+  """The chunk's tables, HBM -> SMEM."""
   b, c = pl.program_id(0), pl.program_id(1)
   copies = [pltpu.make_async_copy(src.at[b, c], dst, sem.at[i])
-            for i, (src, dst) in enumerate(((idx_hbm, idx_s), (w_hbm, w_s)))]
+            for i, (src, dst) in enumerate(zip(hbm_refs, smem_refs))]
   for cp in copies:
     cp.start()
   for cp in copies:
@@ -184,16 +225,22 @@ def _image_f32(cfg, h_ref, hf_s):
   return hf_s
 
 
-def _entry(cfg, t, g, j):
-  """Where tap j of head g at the chunk's position t sits in its table (see _tap_tables)."""
-  K = cfg.taps // 2
-  return t * (cfg.heads * cfg.taps) + (j // K) * (cfg.heads * K) + g * K + j % K
-
-
 def _at(table_s, i):
   """Entry i (>= 0) of a (rows, 128) SMEM table (shifts: integer division would need the chip's
   generation to lower)."""
   return table_s[jax.lax.shift_right_logical(i, 7), i & 127]
+
+
+def _tap(cfg, tables_s, t, g, k):
+  """Tap (g, k) of the chunk's position t: its two rows, their weights (scale not included)."""
+  idx_s, f_s, w_s = tables_s[:3]
+  e = (g * cfg.points + k) * cfg.block_l + t
+  i0, fk, wk = _at(idx_s, e), _at(f_s, e), _at(w_s, e)
+  return i0, jnp.minimum(i0 + 1, cfg.length - 1), wk * (1.0 - fk), wk * fk
+
+
+def _scale(cfg, tables_s, t, g):
+  return _at(tables_s[3], g * cfg.block_l + t) if cfg.scale else None
 
 
 def _head_windows(cfg):
@@ -212,34 +259,51 @@ def _head_windows(cfg):
   return out
 
 
+def _split(cfg, refs, n_in):
+  """The kernel's refs: tables (HBM), inputs (gamma only when there is one), the rest."""
+  n_tables = 3 + cfg.scale
+  tables, rest = refs[:n_tables], refs[n_tables:]
+  inputs, rest = list(rest[:n_in - (not cfg.gamma)]), rest[n_in - (not cfg.gamma):]
+  if not cfg.gamma:
+    inputs.append(None)
+  return tables, inputs, rest
+
+
 # ---------------------------------------------------------------------------------------------
 # Forward.
 
-def _forward(cfg, idx, tw, h_BLW):
-  image, chunk, _ = _specs(cfg)
+def _forward(cfg, tables, h_BLW, gamma_row):
+  image, chunk, row = _specs(cfg)
   scratch = ([pltpu.VMEM((cfg.length, cfg.width), F32)] if cfg.cast else []) + [
       pltpu.VMEM((cfg.block_l, cfg.width), F32)]
   return _call(cfg, _fwd_kernel, "memory_read_fwd",
-               jax.ShapeDtypeStruct(h_BLW.shape, h_BLW.dtype), [image], chunk, scratch,
-               [idx, tw, h_BLW], backward=False)
+               jax.ShapeDtypeStruct(h_BLW.shape, h_BLW.dtype), [image, row], chunk, scratch,
+               tables, [h_BLW, gamma_row], backward=False)
 
 
-def _fwd_kernel(cfg, idx_hbm, w_hbm, h_ref, o_ref, *scratch):
-  hf_s = scratch[0] if cfg.cast else None
-  out_s, idx_s, w_s, sem = scratch[cfg.cast:]
-  _load_taps(idx_hbm, w_hbm, idx_s, w_s, sem)
+def _fwd_kernel(cfg, *refs):
+  tables_hbm, (h_ref, gamma_ref), rest = _split(cfg, refs, 2)
+  o_ref, rest = rest[0], rest[1:]
+  hf_s = rest[0] if cfg.cast else None
+  out_s, *rest = rest[cfg.cast:]
+  tables_s, sem = rest[:-1], rest[-1]
+  _load_tables(tables_hbm, tables_s, sem)
   hf = _image_f32(cfg, h_ref, hf_s)
   windows = _head_windows(cfg)
-  J = cfg.taps
+  first = pl.program_id(1) * cfg.block_l
 
   def position(t, carry):
-    out_s[pl.ds(t, 1), :] = jnp.zeros((1, cfg.width), F32)
+    own = jnp.minimum(first + t, cfg.length - 1)  # this position's row (clamped past L)
     for g, (start, stop, mask) in enumerate(windows):
-      head = jnp.zeros((1, stop - start), F32)
-      for j in range(J):
-        i = _entry(cfg, t, g, j)
-        head = head + _at(w_s, i) * hf[pl.ds(_at(idx_s, i), 1), start:stop]
-      out_s[pl.ds(t, 1), start:stop] += jnp.where(mask, head, 0.0)
+      acc = jnp.zeros((1, stop - start), F32)
+      for k in range(cfg.points):
+        i0, i1, w0, w1 = _tap(cfg, tables_s, t, g, k)
+        acc = acc + w0 * hf[pl.ds(i0, 1), start:stop] + w1 * hf[pl.ds(i1, 1), start:stop]
+      if cfg.gamma:
+        acc = hf[pl.ds(own, 1), start:stop] + gamma_ref[:, start:stop] * acc
+      if cfg.scale:
+        acc = _scale(cfg, tables_s, t, g) * acc
+      out_s[pl.ds(t, 1), start:stop] = jnp.where(mask, acc, out_s[pl.ds(t, 1), start:stop])
     return carry
 
   jax.lax.fori_loop(0, cfg.block_l, position, 0)
@@ -249,48 +313,75 @@ def _fwd_kernel(cfg, idx_hbm, w_hbm, h_ref, o_ref, *scratch):
 # ---------------------------------------------------------------------------------------------
 # Backward.
 
-def _backward(cfg, idx, tw, h_BLW, dr_BLW):
-  image, chunk, dots = _specs(cfg)
+def _backward(cfg, tables, h_BLW, dout_BLW, gamma_row):
+  image, chunk, row = _specs(cfg)
   batch = h_BLW.shape[0]
-  rows, lanes = cfg.n_chunks * cfg.block_l, cfg.heads * cfg.taps
+  rows = cfg.n_chunks * cfg.block_l
+  dots = pl.BlockSpec((None, cfg.block_l, cfg.dot_lanes), lambda b, c: (b, c, 0))
+  d_gamma = pl.BlockSpec((None, 1, cfg.width), lambda b, c: (b, 0, 0))
   out_shape = [jax.ShapeDtypeStruct(h_BLW.shape, h_BLW.dtype),
-               jax.ShapeDtypeStruct((batch, rows, lanes), F32)]
+               jax.ShapeDtypeStruct((batch, rows, cfg.dot_lanes), F32),
+               jax.ShapeDtypeStruct((batch, 1, cfg.width), F32)]
   scratch = ([pltpu.VMEM((cfg.length, cfg.width), F32)] if cfg.cast else []) + [
       pltpu.VMEM((cfg.length, cfg.width), F32), pltpu.VMEM((cfg.block_l, cfg.width), F32),
-      pltpu.VMEM((cfg.block_l, lanes), F32)]
-  return _call(cfg, _bwd_kernel, "memory_read_bwd", out_shape, [image, chunk], [image, dots],
-               scratch, [idx, tw, h_BLW, dr_BLW], backward=True)
+      pltpu.VMEM((cfg.block_l, cfg.dot_lanes), F32), pltpu.VMEM((1, cfg.width), F32)]
+  dh, dots, d_gamma = _call(cfg, _bwd_kernel, "memory_read_bwd", out_shape,
+                            [image, chunk, row], [image, dots, d_gamma], scratch, tables,
+                            [h_BLW, dout_BLW, gamma_row], backward=True)
+  return dh, dots, d_gamma
 
 
-def _bwd_kernel(cfg, idx_hbm, w_hbm, h_ref, dr_ref, dh_ref, dots_ref, *scratch):
-  hf_s = scratch[0] if cfg.cast else None
-  dh_s, dr_s, dots_s, idx_s, w_s, sem = scratch[cfg.cast:]
+def _bwd_kernel(cfg, *refs):
+  tables_hbm, (h_ref, dout_ref, gamma_ref), rest = _split(cfg, refs, 3)
+  dh_ref, dots_ref, dgamma_ref = rest[:3]
+  rest = rest[3:]
+  hf_s = rest[0] if cfg.cast else None
+  dh_s, dout_s, dots_s, dgamma_s, *rest = rest[cfg.cast:]
+  tables_s, sem = rest[:-1], rest[-1]
   c = pl.program_id(1)
-  _load_taps(idx_hbm, w_hbm, idx_s, w_s, sem)
+  _load_tables(tables_hbm, tables_s, sem)
   hf = _image_f32(cfg, h_ref, hf_s)
   windows = _head_windows(cfg)
 
   @pl.when(c == 0)
   def _():
     dh_s[...] = jnp.zeros_like(dh_s)
+    dgamma_s[...] = jnp.zeros_like(dgamma_s)
 
-  dr_s[...] = dr_ref[...].astype(F32)
-  lim = cfg.length - c * cfg.block_l  # rows t >= lim lie past L (a ragged last chunk)
-  G, J = cfg.heads, cfg.taps
-  lane = jax.lax.broadcasted_iota(jnp.int32, (1, G * J), 1)
+  dout_s[...] = dout_ref[...].astype(F32)  # rows of a float32 chunk: a dynamic index reads them
+  first = c * cfg.block_l
+  lim = cfg.length - first  # rows t >= lim lie past L (a ragged last chunk)
+  G, K = cfg.heads, cfg.points
+  lane = jax.lax.broadcasted_iota(jnp.int32, (1, cfg.dot_lanes), 1)
 
   def position(t, carry):
-    dr = dr_s[pl.ds(t, 1), :]
-    dr = jnp.where(jnp.full(dr.shape, t, jnp.int32) < lim, dr, 0.0)
-    dots = jnp.zeros((1, G * J), F32)
+    own = jnp.minimum(first + t, cfg.length - 1)
+    d = dout_s[pl.ds(t, 1), :]
+    d = jnp.where(jnp.full(d.shape, t, jnp.int32) < lim, d, 0.0)
+    e_row = d * gamma_ref[...] if cfg.gamma else d  # d read = scale * e
+    dots = jnp.zeros((1, cfg.dot_lanes), F32)
     for g, (start, stop, mask) in enumerate(windows):
-      dr_g = jnp.where(mask, dr[:, start:stop], 0.0)
-      for j in range(J):
-        i = _entry(cfg, t, g, j)
-        row = _at(idx_s, i)
-        dot = jnp.sum(hf[pl.ds(row, 1), start:stop] * dr_g, axis=1, keepdims=True)
-        dots = jnp.where(lane == i - t * G * J, dot, dots)
-        dh_s[pl.ds(row, 1), start:stop] += _at(w_s, i) * dr_g
+      e = jnp.where(mask, e_row[:, start:stop], 0.0)
+      sc = _scale(cfg, tables_s, t, g)
+      read = jnp.zeros((1, stop - start), F32)
+      for k in range(K):
+        i0, i1, w0, w1 = _tap(cfg, tables_s, t, g, k)
+        r0, r1 = hf[pl.ds(i0, 1), start:stop], hf[pl.ds(i1, 1), start:stop]
+        dots = jnp.where(lane == g * K + k, jnp.sum(r0 * e, axis=1, keepdims=True), dots)
+        dots = jnp.where(lane == G * K + g * K + k, jnp.sum(r1 * e, axis=1, keepdims=True),
+                         dots)
+        s0, s1 = (w0, w1) if sc is None else (sc * w0, sc * w1)
+        dh_s[pl.ds(i0, 1), start:stop] += s0 * e
+        dh_s[pl.ds(i1, 1), start:stop] += s1 * e
+        if cfg.gamma:
+          read = read + w0 * r0 + w1 * r1
+      if cfg.gamma:  # h' = h + gamma read: the residual path, d gamma, and <h, d out>
+        d_g = jnp.where(mask, d[:, start:stop], 0.0)
+        sd = d_g if sc is None else sc * d_g
+        dh_s[pl.ds(own, 1), start:stop] += sd
+        dgamma_s[:, start:stop] += sd * read
+        hd = jnp.sum(hf[pl.ds(own, 1), start:stop] * d_g, axis=1, keepdims=True)
+        dots = jnp.where(lane == 2 * G * K + g, hd, dots)
     dots_s[pl.ds(t, 1), :] = dots
     return carry
 
@@ -300,3 +391,4 @@ def _bwd_kernel(cfg, idx_hbm, w_hbm, h_ref, dr_ref, dh_ref, dots_ref, *scratch):
   @pl.when(c == cfg.n_chunks - 1)
   def _():
     dh_ref[...] = dh_s[...].astype(dh_ref.dtype)
+    dgamma_ref[...] = dgamma_s[...]

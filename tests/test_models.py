@@ -70,12 +70,15 @@ def test_adaptor_t_matches_numpy_loops(selection):
   module = AdaptorT(D, cfg, gamma_init=1.0, dtype=jnp.float32, rngs=nnx.Rngs(0))
   randomize(module, seed=1, scale=0.5)
   h = jax.random.normal(jax.random.PRNGKey(2), (2, L, 4, D))
-  got = jax.jit(lambda h: module(h))(h)
+  scale_BRL = jax.random.normal(jax.random.PRNGKey(3), (2, 4, L))  # the scan's C per route
   p = {k: np.asarray(v) for k, v in pure_params(module).items()}
   want = numpy_adaptor_t(h, p, S, K, selection == "learned")
-  err = rel_err(got, want)
-  print(f"adaptor_t {selection}: rel err {err:.1e}")
-  assert err <= 1e-5
+  for scale in (None, scale_BRL):
+    got = jax.jit(lambda h, c: module(h.reshape(2, L, 4 * D), c))(h, scale).reshape(h.shape)
+    want_scaled = want if scale is None else want * np.moveaxis(np.asarray(scale), 1, -1)[..., None]
+    err = rel_err(got, want_scaled)
+    print(f"adaptor_t {selection} scale={scale is not None}: rel err {err:.1e}")
+    assert err <= 1e-5
 
 
 def _ss2d_case(with_adaptor, seed):

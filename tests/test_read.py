@@ -25,20 +25,25 @@ FWD_TOL, GRAD_TOL, BF16_TOL = 1e-5, 1e-4, 1e-2
 
 
 def make_inputs(seed, batch=2, length=37, groups=3, channels=8, points=4, reverse=False,
-                dtype=jnp.float32):
-  """h, pos, weight as Adaptor-T makes them: pos = clip(i -/+ window * sigmoid(o)) (backward-
-  looking, or forward-looking for a reverse route), so many sit exactly on the clip edges;
-  a few are forced to integers, 0 and L - 1 exactly."""
-  k_h, k_o, k_w, k_win = jax.random.split(jax.random.PRNGKey(seed), 4)
+                dtype=jnp.float32, gamma=False, scale=False):
+  """h, pos, weight (and gamma, scale when asked for) as Adaptor-T makes them: pos = clip(i -/+
+  window * sigmoid(o)) (backward-looking, or forward-looking for a reverse route), so many sit
+  exactly on the clip edges; a few are forced to integers, 0 and L - 1 exactly. Positions
+  last: pos, weight (batch, G, K, L), scale (batch, G, L)."""
+  k_h, k_o, k_w, k_win, k_g, k_s = jax.random.split(jax.random.PRNGKey(seed), 6)
   h = jax.random.normal(k_h, (batch, length, groups, channels)).astype(dtype)
-  window = length * jax.random.uniform(k_win, (groups, 1), minval=0.1, maxval=1.0)
-  move = jax.nn.sigmoid(2.0 * jax.random.normal(k_o, (batch, length, groups, points)))
-  i = jnp.arange(length, dtype=jnp.float32)[:, None, None]
+  window = length * jax.random.uniform(k_win, (groups, 1, 1), minval=0.1, maxval=1.0)
+  move = jax.nn.sigmoid(2.0 * jax.random.normal(k_o, (batch, groups, points, length)))
+  i = jnp.arange(length, dtype=jnp.float32)
   pos = jnp.clip(i + (1.0 if reverse else -1.0) * window * move, 0.0, length - 1)
-  pos = pos.at[:, ::5, :, 0].set(jnp.floor(pos[:, ::5, :, 0]))
-  pos = pos.at[:, :2, :, -1].set(0.0).at[:, -2:, :, -1].set(length - 1.0)
-  weight = jax.nn.softmax(jax.random.normal(k_w, (batch, length, groups, points)), axis=-1)
-  return h, pos, weight
+  pos = pos.at[:, :, 0, ::5].set(jnp.floor(pos[:, :, 0, ::5]))
+  pos = pos.at[:, :, -1, :2].set(0.0).at[:, :, -1, -2:].set(length - 1.0)
+  weight = jax.nn.softmax(jax.random.normal(k_w, (batch, groups, points, length)), axis=2)
+  args = (h, pos, weight)
+  if gamma or scale:
+    args += (jax.random.normal(k_g, (groups, channels)) if gamma else None,
+             jax.random.normal(k_s, (batch, groups, length)) if scale else None)
+  return args
 
 
 def value_and_grads(fn, args, seed=9):
@@ -48,14 +53,20 @@ def value_and_grads(fn, args, seed=9):
   return out, vjp(ct)
 
 
+NAMES = ("out", "dh", "dpos", "dweight", "dgamma", "dscale")
+
+
 def assert_close(fn, oracle, args, fwd_tol=FWD_TOL, grad_tol=GRAD_TOL, label=""):
+  """fn against oracle on args (None for an absent gamma or scale): the output and the
+  gradient of every argument given."""
   got = jax.jit(functools.partial(value_and_grads, fn))(args)
   want = jax.jit(functools.partial(value_and_grads, oracle))(args)
-  errors = [rel_err(got[0], want[0])] + [rel_err(g, w) for g, w in zip(got[1], want[1])]
-  print(f"\n{label}: read, dh, dpos, dweight rel errors {['%.1e' % e for e in errors]}")
-  for name, err, tol in zip(("read", "dh", "dpos", "dweight"), errors,
-                            (fwd_tol, grad_tol, grad_tol, grad_tol)):
-    assert err <= tol, f"{label}: {name} rel error {err:.2e} > {tol}"
+  pairs = [(NAMES[0], got[0], want[0], fwd_tol)] + [
+      (name, g, w, grad_tol) for name, g, w in zip(NAMES[1:], got[1], want[1]) if w is not None]
+  errors = {name: rel_err(g, w) for name, g, w, _ in pairs}
+  print(f"\n{label}: rel errors {dict((k, '%.1e' % e) for k, e in errors.items())}")
+  for name, _, _, tol in pairs:
+    assert errors[name] <= tol, f"{label}: {name} rel error {errors[name]:.2e} > {tol}"
 
 
 def pallas_interpret(block_l):
@@ -84,13 +95,27 @@ def test_fp32_matches_reference(backend, case):
 
 @pytest.mark.usefixtures("race_states")
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("form, case", [
+    ("gamma_scale", "L37_ragged"), ("gamma_scale", "C48_heads_straddle_lanes"),
+    ("gamma", "L37_reverse"), ("scale", "L37_reverse")])
+def test_gamma_and_scale_match_reference(backend, form, case):
+  """Adaptor-T's scale * (h + gamma * read), and each part alone: the output and the
+  gradients of h, pos, weight, gamma and scale."""
+  args = make_inputs(sum(map(ord, case + form)), **CASES[case], gamma="gamma" in form,
+                     scale="scale" in form)
+  assert_close(BACKENDS[backend], read.reference, args, label=f"{backend} {form} {case}")
+
+
+@pytest.mark.usefixtures("race_states")
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_bf16_matches_fp32_reference(backend):
   """bf16 h (the models' compute dtype) against the reference on the same values in fp32."""
-  h, pos, weight = make_inputs(5, batch=1, length=40, groups=2, channels=16, points=2,
-                               dtype=jnp.bfloat16)
-  fp32 = lambda h, p, w: read.reference(h.astype(jnp.float32), p, w)
-  assert_close(lambda h, p, w: BACKENDS[backend](h, p, w).astype(jnp.float32), fp32,
-               (h, pos, weight), BF16_TOL, BF16_TOL, label=f"{backend} bf16")
+  h, pos, weight, gamma, scale = make_inputs(5, batch=1, length=40, groups=2, channels=16,
+                                             points=2, dtype=jnp.bfloat16, gamma=True,
+                                             scale=True)
+  fp32 = lambda h, *a: read.reference(h.astype(jnp.float32), *a)
+  assert_close(lambda h, *a: BACKENDS[backend](h, *a).astype(jnp.float32), fp32,
+               (h, pos, weight, gamma, scale), BF16_TOL, BF16_TOL, label=f"{backend} bf16")
 
 
 def einsum_read(h_BLRD, p_BLRSK, c_BLRSK):
@@ -112,20 +137,31 @@ def einsum_read(h_BLRD, p_BLRSK, c_BLRSK):
 @pytest.mark.usefixtures("race_states")
 @pytest.mark.parametrize("backend", ["auto", "pallas_tpu"])
 def test_matches_the_einsum_formulation_in_adaptor_layout(backend):
-  """Four routes (the last two reverse) x S = 2 groups, each of D / S channels, read the way
-  Adaptor-T calls the op: heads = (route, group)."""
+  """Four routes (the last two reverse) x S = 2 groups, each of D / S channels, called the way
+  Adaptor-T calls the op (heads = (route, group), per-position arguments positions-last,
+  gamma per route and channel, the scan's C per route), against y = C (h + gamma read) with
+  the read written as it was before the op."""
   B, L, R, S, K, D = 1, 20, 4, 2, 2, 8
   parts = [make_inputs(r, batch=B, length=L, groups=S, channels=D // S, points=K, reverse=r >= 2)
            for r in range(R)]
   h_BLRD = jnp.stack([p[0].reshape(B, L, D) for p in parts], axis=2)
-  p_BLRSK, c_BLRSK = (jnp.stack([p[i] for p in parts], axis=2) for i in (1, 2))
+  p_BLRSK, c_BLRSK = (jnp.stack([jnp.moveaxis(p[i], -1, 1) for p in parts], axis=2)
+                      for i in (1, 2))
+  gamma_RD = jax.random.normal(jax.random.PRNGKey(7), (R, D))
+  C_BLR = jax.random.normal(jax.random.PRNGKey(8), (B, L, R))
   fn = kernels.memory_read if backend == "auto" else pallas_interpret(8)
+  last = lambda x: jnp.moveaxis(x, 1, -1).reshape(B, R * S, K, L)  # (B, L, R, S, K) -> heads
 
-  def op(h, p, c):
-    return fn(h.reshape(B, L, R * S, D // S), p.reshape(B, L, R * S, K),
-              c.reshape(B, L, R * S, K)).reshape(B, L, R, D)
+  def op(h, p, c, gamma, C):
+    scale = jnp.repeat(jnp.moveaxis(C, 1, -1), S, axis=1)
+    return fn(h.reshape(B, L, R * S, D // S), last(p), last(c),
+              gamma.reshape(R * S, D // S), scale).reshape(B, L, R, D)
 
-  assert_close(op, einsum_read, (h_BLRD, p_BLRSK, c_BLRSK), label=f"{backend} vs einsum")
+  def oracle(h, p, c, gamma, C):
+    return C[..., None] * (h + gamma * einsum_read(h, p, c))
+
+  assert_close(op, oracle, (h_BLRD, p_BLRSK, c_BLRSK, gamma_RD, C_BLR),
+               label=f"{backend} vs einsum")
 
 
 def test_gradients_match_finite_differences():
@@ -137,7 +173,7 @@ def test_gradients_match_finite_differences():
   loss = lambda h, p, w: jnp.sum(read.xla(h, p, w) * ct)
   g_h, g_p, g_w = jax.grad(loss, argnums=(0, 1, 2))(h, pos, weight)
   eps = 1e-2
-  for arg, grad, index in ((1, g_p, (0, 7, 0, 1)), (2, g_w, (0, 4, 0, 0)), (0, g_h, (0, 3, 0, 2))):
+  for arg, grad, index in ((1, g_p, (0, 0, 1, 7)), (2, g_w, (0, 0, 0, 4)), (0, g_h, (0, 3, 0, 2))):
     args = [h, pos, weight]
     up = [a.at[index].add(eps) if i == arg else a for i, a in enumerate(args)]
     down = [a.at[index].add(-eps) if i == arg else a for i, a in enumerate(args)]
@@ -146,11 +182,14 @@ def test_gradients_match_finite_differences():
 
 
 def test_xla_keeps_no_tap_tensor_for_the_backward():
-  """The residuals of the xla path are its inputs: nothing of size 2K x h is saved."""
-  h, pos, weight = make_inputs(0, batch=2, length=64, groups=4, channels=16, points=4)
-  _, vjp = jax.vjp(read.xla, h, pos, weight)
-  biggest = max(x.size for x in jax.tree.leaves(vjp))
-  assert biggest <= h.size, f"a residual of {biggest} elements (h has {h.size})"
+  """The residuals of the xla path are its inputs: nothing of size 2K x h is saved, and
+  neither the read nor h'."""
+  args = make_inputs(0, batch=2, length=64, groups=4, channels=16, points=4, gamma=True,
+                     scale=True)
+  _, vjp = jax.vjp(read.xla, *args)
+  residuals = jax.tree.leaves(vjp)
+  assert max(x.size for x in residuals) <= args[0].size
+  assert sum(x.size == args[0].size for x in residuals) == 1, "only h itself is h-sized"
 
 
 def test_auto_backend_and_environment_override(monkeypatch):
@@ -176,15 +215,19 @@ def test_auto_backend_exports_the_mosaic_kernels_for_tpu():
 
 
 @pytest.mark.parametrize("bad, match", [
-    (lambda h, p, w: (h[0], p, w), r"h must be \(batch, L, G, C\)"),
-    (lambda h, p, w: (h, p[:, 1:], w), "pos must be"),
-    (lambda h, p, w: (h, p, w[..., :2]), "the same shape"),
-    (lambda h, p, w: (h.astype(jnp.int32), p, w), "h must be floating point"),
-    (lambda h, p, w: (h[:, :0], p[:, :0], w[:, :0]), "L = 0"),
+    (lambda h, p, w, g, s: (h[0], p, w, g, s), r"h must be \(batch, L, G, C\)"),
+    (lambda h, p, w, g, s: (h, p[:, 1:], w, g, s), r"pos must be \(batch, G, K, L\)"),
+    (lambda h, p, w, g, s: (h, jnp.moveaxis(p, -1, 1), w, g, s), "pos must be"),
+    (lambda h, p, w, g, s: (h, p, w[:, :, :2], g, s), "the same shape"),
+    (lambda h, p, w, g, s: (h.astype(jnp.int32), p, w, g, s), "h must be floating point"),
+    (lambda h, p, w, g, s: (h[:, :0], p[..., :0], w[..., :0], g, s[..., :0]), "L = 0"),
+    (lambda h, p, w, g, s: (h, p, w, g[:, :2], s), r"gamma must be \(G, C\)"),
+    (lambda h, p, w, g, s: (h, p, w, g, jnp.moveaxis(s, -1, 1)),
+     r"scale must be \(batch, G, L\)"),
 ])
 def test_bad_arguments_are_named(bad, match):
   with pytest.raises(ValueError, match=match):
-    kernels.memory_read(*bad(*make_inputs(0)))
+    kernels.memory_read(*bad(*make_inputs(0, gamma=True, scale=True)))
 
 
 def test_pallas_block_and_vmem_limits_are_named():
@@ -192,7 +235,7 @@ def test_pallas_block_and_vmem_limits_are_named():
   with pytest.raises(ValueError, match="block_l=12 must be a multiple of 8"):
     read.pallas_tpu(h, pos, weight, interpret=INTERPRET, block_l=12)
   big = jax.ShapeDtypeStruct((1, 200_000, 1, 128), jnp.float32)
-  p = jax.ShapeDtypeStruct((1, 200_000, 1, 4), jnp.float32)
+  p = jax.ShapeDtypeStruct((1, 1, 4, 200_000), jnp.float32)
   with pytest.raises(ValueError, match="MiB of VMEM"):
     jax.eval_shape(lambda *a: read.pallas_tpu(*a), big, p, p)
 
@@ -210,18 +253,18 @@ MODEL_SHAPES = {"vmamba_t_stage1": (3136, 16, 24), "b2_stage1": (3136, 16, 48),
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("name", MODEL_SHAPES)
 def test_compiles_for_a_tpu_chip(name, dtype):
-  """Forward and forward+backward compile for a v5e chip at the model shapes, call the kernels,
-  and hold no temporary near the size of the 2K taps."""
+  """Forward and forward+backward of Adaptor-T's call (gamma and scale) compile for a v5e chip
+  at the model shapes, call the kernels, and hold no temporary near the size of the 2K taps."""
   L, G, C = MODEL_SHAPES[name]
   batch, K = 2, 4
   device = jax.sharding.SingleDeviceSharding(aot.topology_devices("v5e", (1, 1))[0])
-  spec = lambda shape, dt: jax.ShapeDtypeStruct(shape, dt, sharding=device)
-  args = (spec((batch, L, G, C), dtype), spec((batch, L, G, K), jnp.float32),
-          spec((batch, L, G, K), jnp.float32))
+  spec = lambda shape, dt=jnp.float32: jax.ShapeDtypeStruct(shape, dt, sharding=device)
+  args = (spec((batch, L, G, C), dtype), spec((batch, G, K, L)), spec((batch, G, K, L)),
+          spec((G, C)), spec((batch, G, L)))
   op = read.pallas_tpu
   loss = lambda *a: jnp.sum(op(*a).astype(jnp.float32) ** 2)
   fwd = jax.jit(op).lower(*args).compile()
-  bwd = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(*args).compile()
+  bwd = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4))).lower(*args).compile()
   assert aot.custom_calls(fwd, "memory_read_fwd")
   assert aot.custom_calls(bwd, "memory_read_bwd")
   tap_bytes = batch * L * G * 2 * K * C * jnp.dtype(dtype).itemsize
@@ -233,5 +276,6 @@ def test_compiles_for_a_tpu_chip(name, dtype):
 
 def test_default_blocks_fit_vmem_at_the_model_shapes():
   for L, G, C in MODEL_SHAPES.values():
-    cfg = read_pallas_tpu._Config(L, G, C, 8, read_pallas_tpu.BlockSizes().block_l, True, False)
+    cfg = read_pallas_tpu._Config(L, G, C, 8, read_pallas_tpu.BlockSizes().block_l, True, True,
+                                  True, False)
     assert read_pallas_tpu._vmem_bytes(cfg, 2, backward=True) < read_pallas_tpu.VMEM_LIMIT_BYTES

@@ -1,9 +1,9 @@
 """Adaptor-T (learned memory selection over the scan's hidden states) and Adaptor-S (multi-scale
 dilated depthwise convolutions), DESIGN.md §3.
 
-Both act inside SS2D. Adaptor-T takes the hidden states of the four scan routes, h_BLRD
-(route r = direction * 2 + sequence: 0 row-major, 1 column-major, 2 and 3 the same sequences scanned
-in reverse), all indexed in the original (unflipped) sequence order. For every position i, route r
+Both act inside SS2D. Adaptor-T takes the hidden states of the four scan routes side by side,
+h_BLE with E = 4 x D (route r = direction * 2 + sequence: 0 row-major, 1 column-major, 2 and 3
+the same sequences scanned in reverse), all indexed in the original (unflipped) sequence order. For every position i, route r
 and channel group s it reads K earlier states of that route's scan ("earlier" means larger i for the
 reverse routes) at fractional locations, by linear interpolation, and adds their weighted sum:
   h'_i = h_i + gamma_r * sum_k c_k h_{p_k},   p_k = clip(i -/+ w_s sigmoid(o_k), 0, L-1),
@@ -69,67 +69,65 @@ class AdaptorT(nnx.Module):
       self.phi_c_bias = common.param(rngs, common.zeros, (ROUTES, S * K), "route", None)
     self.gamma = common.annotated(jnp.full((ROUTES, d_inner), gamma_init), "route", "inner")
 
-  def __call__(self, h_BLRD, scale_BLR=None):
-    """h' = h + gamma * read of every route, times scale_BLR (the scan's C, per position and
-    route) when it is given."""
-    B, L, R, D = h_BLRD.shape
-    S, K = self.num_groups, self.num_points
-    h_BLGC = h_BLRD.reshape(B, L, R * S, D // S)  # heads = (route, group)
+  def __call__(self, h_BLE, scale_BRL=None):
+    """h' = h + gamma * read of every route, times scale_BRL (the scan's C, per route and
+    position) when it is given. h_BLE: the four routes' states side by side, E = 4 x D."""
+    B, L, E = h_BLE.shape
+    R, S, K = ROUTES, self.num_groups, self.num_points
+    D = E // R
+    # Everything per position is laid out positions-last: (B, R, S, K, L).
     if self.selection == "learned":  # phi_p and phi_c as one product per route
       w_RDC = jnp.concatenate([self.phi_p[...], self.phi_c[...]], axis=-1)
       b_RC = jnp.concatenate([self.phi_p_bias[...], self.phi_c_bias[...]], axis=-1)
-      out = route_linear(h_BLGC, w_RDC.astype(h_BLRD.dtype)).astype(jnp.float32) + b_RC
-      o_BLRSK, logits_BLRSK = (x.reshape(B, L, R, S, K) for x in jnp.split(out, 2, axis=-1))
-      move_BLRSK = jax.nn.sigmoid(o_BLRSK)
-      c_BLRSK = jax.nn.softmax(logits_BLRSK, axis=-1)
+      out = route_linear(h_BLE, w_RDC.astype(h_BLE.dtype)).astype(jnp.float32)
+      out = (out + b_RC[:, :, None]).reshape(B, R, 2, S, K, L)
+      move_BRSKL = jax.nn.sigmoid(out[:, :, 0])
+      c_BRSKL = jax.nn.softmax(out[:, :, 1], axis=-2)
     else:
-      move_BLRSK = jnp.broadcast_to((jnp.arange(K) + 1.0) / K, (B, L, R, S, K))
-      c_BLRSK = jnp.full((B, L, R, S, K), 1.0 / K)
+      move_BRSKL = jnp.broadcast_to(((jnp.arange(K) + 1.0) / K)[:, None], (B, R, S, K, L))
+      c_BRSKL = jnp.full((B, R, S, K, L), 1.0 / K)
     window_S = L / 2.0 ** (S - 1 - jnp.arange(S, dtype=jnp.float32))
     back_R = jnp.array([-1.0, -1.0, 1.0, 1.0])  # forward routes look left, reverse ones right
     i_L = jnp.arange(L, dtype=jnp.float32)
-    p_BLRSK = jnp.clip(i_L[:, None, None, None]
-                       + back_R[:, None, None] * window_S[:, None] * move_BLRSK, 0.0, L - 1)
-    # each head reads its own locations of its D/S channels
-    scale = None if scale_BLR is None else jnp.repeat(scale_BLR, S, axis=-1)
-    out = common.memory_read(h_BLGC, p_BLRSK.reshape(B, L, R * S, K),
-                             c_BLRSK.reshape(B, L, R * S, K),
+    p_BRSKL = jnp.clip(i_L + (back_R[:, None] * window_S)[:, :, None, None] * move_BRSKL,
+                       0.0, L - 1)
+    # heads = (route, group): each reads its own locations of its D/S channels
+    scale = None if scale_BRL is None else jnp.repeat(scale_BRL, S, axis=1)
+    out = common.memory_read(h_BLE.reshape(B, L, R * S, D // S), p_BRSKL.reshape(B, R * S, K, L),
+                             c_BRSKL.reshape(B, R * S, K, L),
                              self.gamma[...].reshape(R * S, D // S), scale)
-    return out.reshape(B, L, R, D)
+    return out.reshape(B, L, E)
 
 
 @jax.custom_vjp
-def route_linear(x_BLGC, w_RDC):
-  """Each route's own linear map of its states, x given as the read's heads (G = routes x
-  groups, C = D / groups): einsum("blrd,rdc->blrc") of x as (B, L, R, D). Taking the heads
-  makes x the very array the read keeps (XLA:CPU would keep a second copy of another shape).
-  XLA lays x out routes-first for the product; the backward takes each route's d w in a loop
-  over the routes, so that nothing in it repeats that layout (XLA:CPU would merge the two and
-  keep the copy until the backward)."""
-  return jnp.einsum("blrd,rdc->blrc", _by_route(x_BLGC, w_RDC), w_RDC)
+def route_linear(x_BLE, w_RDC):
+  """Each route's own linear map of its states, positions last: out[b, r, c, l] =
+  sum_d x[b, l, r * D + d] w[r, d, c]. XLA lays x out routes-first for the product; the
+  backward takes each route's d w in a loop over the routes, so that nothing in it repeats
+  that layout (XLA:CPU would merge the two and keep the copy until the backward)."""
+  return jnp.einsum("blrd,rdc->brcl", _by_route(x_BLE, w_RDC), w_RDC)
 
 
-def _by_route(x_BLGC, w_RDC):
-  B, L = x_BLGC.shape[:2]
-  return x_BLGC.reshape(B, L, w_RDC.shape[0], w_RDC.shape[1])
+def _by_route(x_BLE, w_RDC):
+  B, L, _ = x_BLE.shape
+  return x_BLE.reshape(B, L, w_RDC.shape[0], w_RDC.shape[1])
 
 
-def _route_linear_fwd(x_BLGC, w_RDC):
-  return route_linear(x_BLGC, w_RDC), (x_BLGC, w_RDC)
+def _route_linear_fwd(x_BLE, w_RDC):
+  return route_linear(x_BLE, w_RDC), (x_BLE, w_RDC)
 
 
-def _route_linear_bwd(res, g_BLRC):
-  x_BLGC, w_RDC = res
-  B, L, G, C = x_BLGC.shape
-  S = G // w_RDC.shape[0]  # heads per route
+def _route_linear_bwd(res, g_BRCL):
+  x_BLE, w_RDC = res
+  D = w_RDC.shape[1]
 
   def route(r):  # sliced inside the loop from x as it is kept
-    x_BLD = jax.lax.dynamic_slice_in_dim(x_BLGC, r * S, S, axis=2).reshape(B, L, S * C)
-    return jnp.einsum("bld,blc->dc", x_BLD, g_BLRC[:, :, r])
+    x_BLD = jax.lax.dynamic_slice_in_dim(x_BLE, r * D, D, axis=2)
+    return jnp.einsum("bld,bcl->dc", x_BLD, g_BRCL[:, r])
 
-  dx = jnp.einsum("blrc,rdc->blrd", g_BLRC, w_RDC).reshape(x_BLGC.shape)
+  dx = jnp.einsum("brcl,rdc->blrd", g_BRCL, w_RDC).reshape(x_BLE.shape)
   dw = jax.lax.map(route, jnp.arange(w_RDC.shape[0]))
-  return dx.astype(x_BLGC.dtype), dw.astype(w_RDC.dtype)
+  return dx.astype(x_BLE.dtype), dw.astype(w_RDC.dtype)
 
 
 route_linear.defvjp(_route_linear_fwd, _route_linear_bwd)

@@ -73,10 +73,10 @@ class SS2D(nnx.Module):
         u_BLE, delta_BLIJD[:, :, i].reshape(Bsz, L, 2 * Di), A_IEN[i], B_BLIJN[:, :, i],
         ones_BLJN if adapt else C_BLIJN[:, :, i], None if adapt else D_IE[i], None, bias_IE[i],
         delta_softplus=True, reverse=bool(i), backend=self.scan_backend) for i in (0, 1)]
-    y_BLRD = jnp.stack(outs, axis=2).reshape(Bsz, L, ROUTES, Di)
+    y_BLE = jnp.concatenate(outs, axis=-1)  # the routes side by side: E = 4 x Di
     if adapt:  # the scan returned h: Adaptor-T forms C * h' route by route
-      y_BLRD = self.adaptor_t(y_BLRD, C_BLIJN.reshape(Bsz, L, ROUTES))
-    y_BHWD = merge_routes(y_BLRD, H, W)
+      y_BLE = self.adaptor_t(y_BLE, jnp.moveaxis(C_BLIJN.reshape(Bsz, L, ROUTES), 1, -1))
+    y_BHWD = merge_routes(y_BLE.reshape(Bsz, L, ROUTES, Di), H, W)
     if adapt:  # + D * u of every route: merged, that is (sum of the routes' D) * u, with u
       # taken from the rows sequence the scan keeps (u itself would be one more tensor kept)
       y_BHWD = y_BHWD + self.D[...].sum(0).astype(cdt) * xs_BLJD[:, :, 0].reshape(u_BHWD.shape)
