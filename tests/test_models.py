@@ -10,7 +10,7 @@ from flax import nnx
 
 import model_oracles
 from scan_cases import rel_err
-from adaptor_jax.models import AdaptorConfig, VSSM, trainable, trainable_mask
+from adaptor_jax.models import AdaptorConfig, VSSM, common, trainable, trainable_mask
 from adaptor_jax.models.adaptor import AdaptorS, AdaptorT
 from adaptor_jax.models.ss2d import SS2D
 from adaptor_jax.models.vim import Vim
@@ -79,6 +79,36 @@ def test_adaptor_t_matches_numpy_loops(selection):
     err = rel_err(got, want_scaled)
     print(f"adaptor_t {selection} scale={scale is not None}: rel err {err:.1e}")
     assert err <= 1e-5
+
+
+@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 1e-2)])
+@pytest.mark.parametrize("dilations", [(1, 2, 3), (2,), (1, 4)])
+def test_dilated_dwconvs_match_separate_convs(dilations, dtype, tol):
+  """The one-stencil op against N depthwise lax convolutions (float32 oracle), forward and the
+  gradients of y, kernel and bias; H, W smaller than the largest dilation's reach included."""
+  N, D = len(dilations), 6
+  keys = jax.random.split(jax.random.PRNGKey(sum(dilations) + len(dilations)), 4)
+  y = jax.random.normal(keys[0], (2, 5, 7, D))
+  kernel = jax.random.normal(keys[1], (N, 3, 3, D))
+  bias = jax.random.normal(keys[2], (N, D))
+  weight = jax.random.normal(keys[3], y.shape)
+
+  def convs(y, kernel, bias):
+    return sum(jax.lax.conv_general_dilated(
+        y, kernel[n][:, :, None, :], (1, 1), ((d, d), (d, d)), rhs_dilation=(d, d),
+        dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=D,
+        precision="highest") + bias[n] for n, d in enumerate(dilations))
+
+  def ours(y, kernel, bias):
+    args = [a.astype(dtype) for a in (y, kernel, bias)]
+    return common.dilated_dwconvs(*args, dilations).astype(jnp.float32)
+
+  def out_and_grads(f):
+    grads = jax.grad(lambda *a: jnp.sum(weight * f(*a)), argnums=(0, 1, 2))(y, kernel, bias)
+    return (f(y, kernel, bias), *grads)
+
+  for name, a, b in zip(("out", "dy", "dkernel", "dbias"), out_and_grads(ours), out_and_grads(convs)):
+    assert rel_err(a, b) <= tol, (name, dilations, dtype, rel_err(a, b))
 
 
 def _ss2d_case(with_adaptor, seed):
