@@ -55,8 +55,8 @@ def test_exported_sharded_train_step_leaves_no_kernel_to_the_partitioner(four_de
     got = four_devices["export"][f"{platform}/{mesh}"]
     assert got["nr_devices"] == 4
     # 2 scans, fwd + bwd; on TPU also the memory read's Mosaic kernels (on CUDA it is XLA):
-    # forward and backward (nothing of the adaptor is recomputed)
-    want = {"cuda": 4, "tpu": 6}[platform]
+    # forward, its recomputation in the backward (SS2D rematerialises the adaptor tail), backward
+    want = {"cuda": 4, "tpu": 7}[platform]
     assert got["outside"] == 0 and got["manual"] == want, (mesh, got)
 
 
