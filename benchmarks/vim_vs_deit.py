@@ -1,4 +1,4 @@
-"""Vim against DeiT in batch inference as the resolution grows: the Vim paper's headline, side by side.
+"""Vim against DeiT in batch inference as the resolution grows: the Vim paper's headline.
 
   JAX_PLATFORMS=cpu python benchmarks/vim_vs_deit.py [--sizes=tiny,small] [--attention=plain,fused]
       [--resolutions=224,512,768,1024,1248] [--platforms=device,tpu] [--batch=2]
@@ -121,7 +121,7 @@ def forward_program(name, dtype):
 CUSTOM_CALL = re.compile(r'custom_call_target="([^"]+)"|stablehlo\.custom_call @([\w$.-]+)')
 
 
-def custom_calls(text):
+def custom_call_targets(text):
   """{custom call target: count} in an HLO or StableHLO module's text."""
   counts = {}
   for match in CUSTOM_CALL.finditer(text):
@@ -146,7 +146,8 @@ def kernels_used(name, lowered_calls, compiled_calls):
 def describe(name, lowered, compiled, batch):
   """The row fields every platform shares: memory analysis, cost analysis, custom calls."""
   mem, cost = aot.memory(compiled), aot.cost(compiled)
-  lowered_calls, compiled_calls = custom_calls(lowered.as_text()), custom_calls(compiled.as_text())
+  lowered_calls = custom_call_targets(lowered.as_text())
+  compiled_calls = custom_call_targets(compiled.as_text())
   return dict(memory_analysis=mem, temporaries_mib=mem["temporaries"] / 2**20,
               gflops_per_image=cost["flops"] / batch / 1e9,
               gbytes_per_image=cost["bytes"] / batch / 1e9,

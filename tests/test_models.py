@@ -107,7 +107,8 @@ def test_dilated_dwconvs_match_separate_convs(dilations, dtype, tol):
     grads = jax.grad(lambda *a: jnp.sum(weight * f(*a)), argnums=(0, 1, 2))(y, kernel, bias)
     return (f(y, kernel, bias), *grads)
 
-  for name, a, b in zip(("out", "dy", "dkernel", "dbias"), out_and_grads(ours), out_and_grads(convs)):
+  names = ("out", "dy", "dkernel", "dbias")
+  for name, a, b in zip(names, out_and_grads(ours), out_and_grads(convs)):
     assert rel_err(a, b) <= tol, (name, dilations, dtype, rel_err(a, b))
 
 
