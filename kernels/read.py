@@ -141,12 +141,13 @@ def xla(h, pos, weight, gamma=None, scale=None):
 
 @jax.custom_vjp
 def _xla(h, pos, weight, gamma, scale):
+  rows, h_rows = _row_index(h), _as_rows(h)
   p0, p1, f = map(_per_point, taps(pos, h.shape[1]))
 
   def point(xs):  # one location: its two rows, gathered from h as it is, weighted
     i0, i1, fk, wk = xs
-    return ((wk * (1.0 - fk))[..., None] * _rows(h, i0).astype(F32)
-            + (wk * fk)[..., None] * _rows(h, i1).astype(F32))
+    return ((wk * (1.0 - fk))[..., None] * _gather(h_rows, rows(i0))
+            + (wk * fk)[..., None] * _gather(h_rows, rows(i1)))
 
   # The first point starts the sum (a loop carry that starts as zeros is made early by XLA
   # and kept until the loop runs).
@@ -156,9 +157,22 @@ def _xla(h, pos, weight, gamma, scale):
   return combine(read, h, gamma, scale).astype(h.dtype)
 
 
-def _rows(h_BLGC, idx_BLG):
-  """h[b, idx[b, i, g], g, :] for every (b, i, g): (batch, L, G, C)."""
-  return jnp.take_along_axis(h_BLGC, idx_BLG[..., None], axis=1)
+def _as_rows(h_BLGC):
+  """h as (batch L G, C) rows: XLA:CPU gathers and scatter-adds rows at 1-D indices several
+  times faster than at (b, i, g) index vectors."""
+  return h_BLGC.reshape(-1, h_BLGC.shape[3])
+
+
+def _row_index(h_BLGC):
+  """idx (batch, L, G) -> the rows h[b, idx[b, i, g], g] of _as_rows(h)."""
+  batch, length, groups, _ = h_BLGC.shape
+  base = jnp.arange(batch)[:, None, None] * (length * groups) + jnp.arange(groups)
+  return lambda idx_BLG: base + idx_BLG * groups
+
+
+def _gather(h_rows, rows_BLG):
+  """(batch, L, G, C) float32 rows; taps() keeps every index in bounds."""
+  return h_rows.at[rows_BLG].get(mode="promise_in_bounds").astype(F32)
 
 
 def _xla_fwd(h, pos, weight, gamma, scale):
@@ -167,43 +181,47 @@ def _xla_fwd(h, pos, weight, gamma, scale):
 
 def _xla_bwd(res, d_out):
   # What would repeat a forward computation (a gathered row, a broadcast of gamma or scale) is
-  # computed inside the loop, no broadcast of gamma or scale feeds a reduction outside it, and
-  # the loop's carries start from the cotangent, not from zeros: XLA:CPU merges identical
-  # computations after it has dropped optimization barriers, and computes early what does
-  # not depend on the cotangent; either keeps a tensor of h's size alive from the forward
-  # pass until here.
+  # computed inside the loop, and the loop's carries start from the cotangent, not from zeros:
+  # XLA:CPU merges identical computations after it has dropped optimization barriers, and
+  # computes early what does not depend on the cotangent; either keeps a tensor of h's size
+  # alive from the forward pass until here.
   h, pos, weight, gamma, scale = res
-  batch, length, groups, _ = h.shape
+  batch, length, groups, C = h.shape
+  rows, h_rows = _row_index(h), _as_rows(h)
   p0, p1, f = map(_per_point, taps(pos, length))
   d_out = d_out.astype(F32)
   sc = jnp.ones(h.shape[:3], F32) if scale is None else positions_first(scale.astype(F32))
-  b_idx = jnp.arange(batch)[:, None, None]
-  g_idx = jnp.arange(groups)[None, None, :]
 
   def point(carry, xs):
-    dh, d_gamma, d_scale = carry
+    dh, read, d_scale = carry
     i0, i1, fk, wk = xs
     g_out = d_out if gamma is None else d_out * gamma.astype(F32)  # d read = sc * g_out
-    r0, r1 = _rows(h, i0).astype(F32), _rows(h, i1).astype(F32)
-    w0, w1 = sc * wk * (1.0 - fk), sc * wk * fk
-    e0, e1 = jnp.sum(r0 * g_out, axis=-1), jnp.sum(r1 * g_out, axis=-1)
-    dh = dh.at[b_idx, i0, g_idx].add(w0[..., None] * g_out)
-    dh = dh.at[b_idx, i1, g_idx].add(w1[..., None] * g_out)
-    if gamma is not None:  # d gamma = sum of d out * sc * read
-      d_gamma = d_gamma + jnp.sum(d_out * (w0[..., None] * r0 + w1[..., None] * r1), axis=(0, 1))
-    d_scale = d_scale + wk * ((1.0 - fk) * e0 + fk * e1)  # the read's part of h' . d out
-    return (dh, d_gamma, d_scale), (sc * wk * (e1 - e0), sc * ((1.0 - fk) * e0 + fk * e1))
+    j = jnp.stack([rows(i0), rows(i1)])  # (2, batch, L, G): both taps
+    r = _gather(h_rows, j)
+    w = jnp.stack([wk * (1.0 - fk), wk * fk])
+    e = jnp.sum(r * g_out, axis=-1)  # <row, g_out> of both taps
+    # one scatter-add of both taps' rows
+    dh = dh.at[j.reshape(-1)].add(((sc * w)[..., None] * g_out).reshape(-1, C),
+                                  mode="promise_in_bounds")
+    if gamma is not None:  # the read, for d gamma after the loop
+      read = read + w[0][..., None] * r[0] + w[1][..., None] * r[1]
+    lerp = (1.0 - fk) * e[0] + fk * e[1]
+    d_scale = d_scale + wk * lerp  # the read's part of h' . d out
+    return (dh, read, d_scale), (sc * wk * (e[1] - e[0]), sc * lerp)
 
   if gamma is None:
-    init = (jnp.zeros_like(d_out), None, jnp.zeros(h.shape[:3], F32))
-  else:  # h' = h + gamma * read: the residual path starts dh and d scale
-    init = (d_out * sc[..., None], jnp.zeros(gamma.shape, F32),
+    init = (jnp.zeros((batch * length * groups, C), F32), None, jnp.zeros(h.shape[:3], F32))
+  else:  # h' = h + gamma * read: the residual path starts dh and d scale; the read starts
+    # from the cotangent times 0 (a carry of zeros is made early and kept)
+    init = (_as_rows(d_out * sc[..., None]), d_out * 0.0,
             jnp.sum(d_out * h.astype(F32), axis=-1))
-  (dh, d_gamma, d_scale), (d_pos, d_weight) = jax.lax.scan(
+  (dh, read, d_scale), (d_pos, d_weight) = jax.lax.scan(
       point, init, (p0, p1, f, _per_point(weight)))
+  d_gamma = None
+  if gamma is not None:  # d gamma = sum of d out * sc * read
+    d_gamma = jnp.sum(d_out * sc[..., None] * read, axis=(0, 1)).astype(gamma.dtype)
   back = lambda x: jnp.transpose(x, (1, 3, 0, 2))  # (K, batch, L, G) -> (batch, G, K, L)
-  return (dh.astype(h.dtype), back(d_pos), back(d_weight),
-          None if gamma is None else d_gamma.astype(gamma.dtype),
+  return (dh.reshape(h.shape).astype(h.dtype), back(d_pos), back(d_weight), d_gamma,
           None if scale is None else jnp.moveaxis(d_scale, 1, -1).astype(scale.dtype))
 
 
