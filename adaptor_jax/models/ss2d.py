@@ -11,21 +11,26 @@ Adaptor-T returns C * h' (its read op applies C); the routes' D * u, merged, is 
 added once after the merge.
 Adaptor-S acts on the merged y before out_norm. That tail (Adaptor-T, merge, D * u, Adaptor-S)
 is rematerialised in the backward from its inputs h, C (positions last) and the rows sequence
-of u, all kept anyway. Without it XLA:TPU keeps route-sized tensors of every block from the
-forward to the backward (a transposed copy of h for phi's product, float32 copies, the
-location tables padded to 8 sublanes): the booster's train step took 1.54x VMamba-T's
-temporaries (135 against 88 MB per image, v5e, batch 32) against 1.17x with it, for 3% more
-bytes accessed. XLA:CPU merges the recomputation with the forward (its CSE runs after the
-barriers are gone), so there it changes nothing.
+of u, all kept anyway, and the merged y (Adaptor-S's input, a quarter of h), which it keeps so
+that the read is not computed again. Without the rematerialisation XLA:TPU keeps route-sized
+tensors of every block from the forward to the backward (a transposed copy of h for phi's
+product, float32 copies, the location tables padded to 8 sublanes): the booster's train step
+took 1.54x VMamba-T's temporaries (135 against 88 MB per image, v5e, batch 32) against 1.17x
+with it. Keeping y: b2's first VSS block (v5e, batch 32) accessed 0.83 instead of 0.93 GB per
+image and held 59 instead of 86 MB of temporaries. XLA:CPU merges the recomputation with the
+forward (its CSE runs after the barriers are gone), so there it changes nothing.
 """
 import math
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from adaptor_jax.models import common
 from adaptor_jax.models.adaptor import ROUTES
+
+MERGED = "ss2d_merged"
 
 
 class SS2D(nnx.Module):
@@ -89,7 +94,7 @@ class SS2D(nnx.Module):
     if adapt:  # the scan returned h: Adaptor-T, the merge, D * u and Adaptor-S, recomputed
       # from h in the backward (see the module docstring)
       tail = jax.checkpoint(lambda h, c, u: self._adapted(h, c, u, H, W),  # mutates nothing
-                            policy=jax.checkpoint_policies.nothing_saveable)
+                            policy=jax.checkpoint_policies.save_only_these_names(MERGED))
       # its inputs, kept: C positions last, and u as the rows sequence of the scan's input
       y_BHWD = tail(y_BLE, jnp.moveaxis(C_BLIJN.reshape(Bsz, L, ROUTES), 1, -1), u_BLE[:, :, :Di])
     else:
@@ -105,6 +110,7 @@ class SS2D(nnx.Module):
     y_BLE = self.adaptor_t(h_BLE, C_BRL)
     y_BHWD = merge_routes(y_BLE.reshape(Bsz, L, ROUTES, Di), H, W)
     y_BHWD = y_BHWD + self.D[...].sum(0).astype(self.dtype) * u_BLD.reshape(Bsz, H, W, Di)
+    y_BHWD = checkpoint_name(y_BHWD, MERGED)
     return y_BHWD if self.adaptor_s is None else self.adaptor_s(y_BHWD)
 
 
