@@ -112,6 +112,19 @@ def test_dilated_dwconvs_match_separate_convs(dilations, dtype, tol):
     assert rel_err(a, b) <= tol, (name, dilations, dtype, rel_err(a, b))
 
 
+def test_depthwise_conv3x3_is_a_stencil_on_cpu_and_a_convolution_elsewhere():
+  """SS2D's conv2d: its values and gradients are checked through SS2D's oracle test (on the CPU,
+  the stencil); here, which program each platform gets."""
+  x = jax.ShapeDtypeStruct((2, 5, 7, 6), jnp.float32)
+  k = jax.ShapeDtypeStruct((3, 3, 6), jnp.float32)
+  def text(platform):
+    grad = jax.grad(lambda x, k: jnp.sum(common.depthwise_conv3x3(x, k)), argnums=(0, 1))
+    return jax.jit(grad).trace(x, k).lower(lowering_platforms=(platform,)).as_text()
+  assert "stablehlo.convolution" not in text("cpu")
+  for platform in ("tpu", "cuda"):
+    assert "stablehlo.convolution" in text(platform), platform
+
+
 def _ss2d_case(with_adaptor, seed):
   cfg = AdaptorConfig(num_groups=2, num_points=3)
   rngs = nnx.Rngs(seed)

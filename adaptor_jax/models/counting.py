@@ -10,8 +10,9 @@ The model is traced to a jaxpr (no compute) and its equations are counted:
                          the multiply-adds of the einsum it replaces)
   dilated_dwconvs        9 N per element of y (Adaptor-S's N depthwise 3x3 convolutions, counted
                          as the convolutions they are)
+  depthwise_conv3x3      9 per element of x (SS2D's conv2d, a convolution or a stencil by platform)
 Everything else (activations, additions, element-wise products, gathers) counts 0, as in fvcore.
-The last five are found by the names under which adaptor_jax.models.common jits them.
+The last six are found by the names under which adaptor_jax.models.common jits them.
 """
 import math
 
@@ -57,6 +58,7 @@ NAMED = {
         eqn.invars[0].aval.shape),
     "dilated_dwconvs": lambda eqn: 9 * eqn.invars[1].aval.shape[0] * math.prod(
         eqn.invars[0].aval.shape),
+    "depthwise_conv3x3": lambda eqn: 9 * math.prod(eqn.invars[0].aval.shape),
 }
 
 

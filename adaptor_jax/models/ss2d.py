@@ -62,13 +62,9 @@ class SS2D(nnx.Module):
     self.adaptor_t, self.adaptor_s = adaptor_t, adaptor_s
 
   def __call__(self, x_BHWC):
+    # conv2d keeps nnx.Conv's params; common.depthwise_conv3x3 computes it
     x_BHWD = self.in_proj(x_BHWC)
-    # conv2d (depthwise 3x3, its params as nnx.Conv keeps them) computed as a stencil
-    # (common.dilated_dwconvs): XLA:CPU takes a depthwise convolution's kernel gradient as a
-    # dense (Di, 3, 3, Di) one, 85 MB per block at b2's last stage; on TPU the two are within 2%
-    kernel = self.conv2d.kernel[...].astype(x_BHWD.dtype)[None, :, :, 0]
-    u_BHWD = jax.nn.silu(common.dilated_dwconvs(x_BHWD, kernel, jnp.zeros((1, self.d_inner),
-                                                                          x_BHWD.dtype), (1,)))
+    u_BHWD = jax.nn.silu(common.depthwise_conv3x3(x_BHWD, self.conv2d.kernel[...][:, :, 0]))
     Bsz, H, W, Di = u_BHWD.shape
     L, N, R = H * W, self.d_state, self.dt_rank
     rows = u_BHWD.reshape(Bsz, L, Di)
