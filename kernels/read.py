@@ -141,13 +141,11 @@ def xla(h, pos, weight, gamma=None, scale=None):
 
 @jax.custom_vjp
 def _xla(h, pos, weight, gamma, scale):
-  rows, h_rows = _row_index(h), _as_rows(h)
   p0, p1, f = map(_per_point, taps(pos, h.shape[1]))
 
   def point(xs):  # one location: its two rows, gathered from h as it is, weighted
     i0, i1, fk, wk = xs
-    return ((wk * (1.0 - fk))[..., None] * _gather(h_rows, rows(i0))
-            + (wk * fk)[..., None] * _gather(h_rows, rows(i1)))
+    return ((wk * (1.0 - fk))[..., None] * _rows(h, i0) + (wk * fk)[..., None] * _rows(h, i1))
 
   # The first point starts the sum (a loop carry that starts as zeros is made early by XLA
   # and kept until the loop runs).
@@ -157,22 +155,18 @@ def _xla(h, pos, weight, gamma, scale):
   return combine(read, h, gamma, scale).astype(h.dtype)
 
 
-def _as_rows(h_BLGC):
-  """h as (batch L G, C) rows: XLA:CPU gathers and scatter-adds rows at 1-D indices several
-  times faster than at (b, i, g) index vectors."""
-  return h_BLGC.reshape(-1, h_BLGC.shape[3])
+def _rows(h_BLGC, idx_BLG):
+  """h[b, idx[b, i, g], g, :] for every (b, i, g): (batch, L, G, C) float32."""
+  return jnp.take_along_axis(h_BLGC, idx_BLG[..., None], axis=1).astype(F32)
 
 
 def _row_index(h_BLGC):
-  """idx (batch, L, G) -> the rows h[b, idx[b, i, g], g] of _as_rows(h)."""
+  """idx (batch, L, G) -> the flat indices of the rows h[b, idx[b, i, g], g] in h as
+  (batch L G, C) rows. XLA:CPU scatter-adds rows at 1-D indices twice as fast as at (b, i, g)
+  index vectors (its gathers are fastest as they are)."""
   batch, length, groups, _ = h_BLGC.shape
   base = jnp.arange(batch)[:, None, None] * (length * groups) + jnp.arange(groups)
-  return lambda idx_BLG: base + idx_BLG * groups
-
-
-def _gather(h_rows, rows_BLG):
-  """(batch, L, G, C) float32 rows; taps() keeps every index in bounds."""
-  return h_rows.at[rows_BLG].get(mode="promise_in_bounds").astype(F32)
+  return lambda idx_BLG: (base + idx_BLG * groups).reshape(-1)
 
 
 def _xla_fwd(h, pos, weight, gamma, scale):
@@ -187,7 +181,7 @@ def _xla_bwd(res, d_out):
   # alive from the forward pass until here.
   h, pos, weight, gamma, scale = res
   batch, length, groups, C = h.shape
-  rows, h_rows = _row_index(h), _as_rows(h)
+  rows = _row_index(h)
   p0, p1, f = map(_per_point, taps(pos, length))
   d_out = d_out.astype(F32)
   sc = jnp.ones(h.shape[:3], F32) if scale is None else positions_first(scale.astype(F32))
@@ -196,24 +190,23 @@ def _xla_bwd(res, d_out):
     dh, read, d_scale = carry
     i0, i1, fk, wk = xs
     g_out = d_out if gamma is None else d_out * gamma.astype(F32)  # d read = sc * g_out
-    j = jnp.stack([rows(i0), rows(i1)])  # (2, batch, L, G): both taps
-    r = _gather(h_rows, j)
-    w = jnp.stack([wk * (1.0 - fk), wk * fk])
-    e = jnp.sum(r * g_out, axis=-1)  # <row, g_out> of both taps
-    # one scatter-add of both taps' rows
-    dh = dh.at[j.reshape(-1)].add(((sc * w)[..., None] * g_out).reshape(-1, C),
-                                  mode="promise_in_bounds")
+    r0, r1 = _rows(h, i0), _rows(h, i1)
+    w0, w1 = wk * (1.0 - fk), wk * fk
+    e0, e1 = jnp.sum(r0 * g_out, axis=-1), jnp.sum(r1 * g_out, axis=-1)
+    for i, w in ((i0, w0), (i1, w1)):
+      dh = dh.at[rows(i)].add(((sc * w)[..., None] * g_out).reshape(-1, C),
+                              mode="promise_in_bounds")
     if gamma is not None:  # the read, for d gamma after the loop
-      read = read + w[0][..., None] * r[0] + w[1][..., None] * r[1]
-    lerp = (1.0 - fk) * e[0] + fk * e[1]
+      read = read + w0[..., None] * r0 + w1[..., None] * r1
+    lerp = (1.0 - fk) * e0 + fk * e1
     d_scale = d_scale + wk * lerp  # the read's part of h' . d out
-    return (dh, read, d_scale), (sc * wk * (e[1] - e[0]), sc * lerp)
+    return (dh, read, d_scale), (sc * wk * (e1 - e0), sc * lerp)
 
   if gamma is None:
     init = (jnp.zeros((batch * length * groups, C), F32), None, jnp.zeros(h.shape[:3], F32))
   else:  # h' = h + gamma * read: the residual path starts dh and d scale; the read starts
     # from the cotangent times 0 (a carry of zeros is made early and kept)
-    init = (_as_rows(d_out * sc[..., None]), d_out * 0.0,
+    init = ((d_out * sc[..., None]).reshape(-1, C), d_out * 0.0,
             jnp.sum(d_out * h.astype(F32), axis=-1))
   (dh, read, d_scale), (d_pos, d_weight) = jax.lax.scan(
       point, init, (p0, p1, f, _per_point(weight)))
