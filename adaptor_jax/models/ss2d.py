@@ -16,7 +16,7 @@ that the read is not computed again. Without the rematerialisation XLA:TPU keeps
 tensors of every block from the forward to the backward (a transposed copy of h for phi's
 product, float32 copies, the location tables padded to 8 sublanes): the booster's train step
 took 1.54x VMamba-T's temporaries (135 against 88 MB per image, v5e, batch 32) against 1.17x
-with it. Keeping y: b2's first VSS block (v5e, batch 32) accessed 0.83 instead of 0.93 GB per
+with it. Keeping y: b2's first VSS block (v5e, batch 32) accessed 0.84 instead of 0.93 GB per
 image and held 59 instead of 86 MB of temporaries. XLA:CPU merges the recomputation with the
 forward (its CSE runs after the barriers are gone), so there it changes nothing.
 """
