@@ -157,7 +157,8 @@ def _xla(h, pos, weight, gamma, scale):
 
 def _rows(h_BLGC, idx_BLG):
   """h[b, idx[b, i, g], g, :] for every (b, i, g): (batch, L, G, C) float32."""
-  return jnp.take_along_axis(h_BLGC, idx_BLG[..., None], axis=1).astype(F32)
+  return jnp.take_along_axis(h_BLGC, idx_BLG[..., None], axis=1,
+                             mode="promise_in_bounds").astype(F32)
 
 
 def _row_index(h_BLGC):
