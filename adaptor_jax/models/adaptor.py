@@ -18,10 +18,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from adaptor_jax.models import common
 
 ROUTES = 4
+PHI = "adaptor_phi"  # phi_p and phi_c's product, by this name for a rematerialisation policy
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,7 +81,8 @@ class AdaptorT(nnx.Module):
     if self.selection == "learned":  # phi_p and phi_c as one product per route
       w_RDC = jnp.concatenate([self.phi_p[...], self.phi_c[...]], axis=-1)
       b_RC = jnp.concatenate([self.phi_p_bias[...], self.phi_c_bias[...]], axis=-1)
-      out = route_linear(h_BLE, w_RDC.astype(h_BLE.dtype)).astype(jnp.float32)
+      out = checkpoint_name(route_linear(h_BLE, w_RDC.astype(h_BLE.dtype)), PHI)
+      out = out.astype(jnp.float32)
       out = (out + b_RC[:, :, None]).reshape(B, R, 2, S, K, L)
       move_BRSKL = jax.nn.sigmoid(out[:, :, 0])
       c_BRSKL = jax.nn.softmax(out[:, :, 1], axis=-2)
