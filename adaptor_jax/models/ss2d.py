@@ -69,24 +69,28 @@ class SS2D(nnx.Module):
     u_BHWD = jax.nn.silu(common.depthwise_conv3x3(x_BHWD, self.conv2d.kernel[...][:, :, 0]))
     Bsz, H, W, Di = u_BHWD.shape
     L, N, R = H * W, self.d_state, self.dt_rank
-    rows = u_BHWD.reshape(Bsz, L, Di)
-    cols = u_BHWD.transpose(0, 2, 1, 3).reshape(Bsz, L, Di)
-    xs_BLJD = jnp.stack([rows, cols], axis=2)  # J: the two sequences
-    cdt = self.dtype
-    x_proj = self.x_proj[...].astype(cdt).reshape(2, 2, Di, R + 2 * N)  # (direction, sequence, ...)
-    dbl_BLIJC = jnp.einsum("bljd,ijdc->blijc", xs_BLJD, x_proj)
-    dt_BLIJR, B_BLIJN, C_BLIJN = jnp.split(dbl_BLIJC, [R, R + N], axis=-1)
-    delta_BLIJD = jnp.einsum("blijr,ijrd->blijd", dt_BLIJR,
-                             self.dt_proj[...].astype(cdt).reshape(2, 2, R, Di))
+    # the two sequences side by side in the last axis (sequence j = 0 rows, 1 columns), and every
+    # product below per sequence: a (B, L, 2, Di) view is another tiled layout on TPU, a copy
+    seqs = (u_BHWD.reshape(Bsz, L, Di), u_BHWD.transpose(0, 2, 1, 3).reshape(Bsz, L, Di))
+    cdt, C2 = self.dtype, R + 2 * N
+    x_proj = self.x_proj[...].astype(cdt).reshape(2, 2, Di, C2)  # (direction, sequence, ...)
+    dt_proj = self.dt_proj[...].astype(cdt).reshape(2, 2, R, Di)
+    # dbl[j]: (B, L, 2 x (R + 2N)), both directions' dt, B, C of sequence j
+    dbl = [seqs[j] @ jnp.concatenate([x_proj[0, j], x_proj[1, j]], axis=-1) for j in (0, 1)]
+    part = lambda i, j, a, b: dbl[j][:, :, i * C2 + a:i * C2 + b]
+    delta_IBLE = [jnp.concatenate([part(i, j, 0, R) @ dt_proj[i, j] for j in (0, 1)], axis=-1)
+                  for i in (0, 1)]
+    B_IBLJN = [jnp.stack([part(i, j, R, R + N) for j in (0, 1)], axis=2) for i in (0, 1)]
+    C_IBLJN = [jnp.stack([part(i, j, R + N, C2) for j in (0, 1)], axis=2) for i in (0, 1)]
     A_IEN = -jnp.exp(self.A_log[...]).reshape(2, 2 * Di, N)
     D_IE = self.D[...].reshape(2, 2 * Di)
     bias_IE = self.dt_bias[...].reshape(2, 2 * Di)
-    u_BLE = xs_BLJD.reshape(Bsz, L, 2 * Di)
+    u_BLE = jnp.concatenate(seqs, axis=-1)
     adapt = self.adaptor_t is not None
     ones_BLJN = jnp.ones((Bsz, L, 2, N), u_BLE.dtype)
     outs = [common.selective_scan(
-        u_BLE, delta_BLIJD[:, :, i].reshape(Bsz, L, 2 * Di), A_IEN[i], B_BLIJN[:, :, i],
-        ones_BLJN if adapt else C_BLIJN[:, :, i], None if adapt else D_IE[i], None, bias_IE[i],
+        u_BLE, delta_IBLE[i], A_IEN[i], B_IBLJN[i],
+        ones_BLJN if adapt else C_IBLJN[i], None if adapt else D_IE[i], None, bias_IE[i],
         delta_softplus=True, reverse=bool(i), backend=self.scan_backend) for i in (0, 1)]
     y_BLE = jnp.concatenate(outs, axis=-1)  # the routes side by side: E = 4 x Di
     if adapt:  # the scan returned h: Adaptor-T, the merge, D * u and Adaptor-S, recomputed
@@ -94,7 +98,8 @@ class SS2D(nnx.Module):
       tail = jax.checkpoint(lambda h, c, u: self._adapted(h, c, u, H, W),  # mutates nothing
                             policy=jax.checkpoint_policies.save_only_these_names(MERGED, PHI))
       # its inputs, kept: C positions last, and u as the rows sequence of the scan's input
-      y_BHWD = tail(y_BLE, jnp.moveaxis(C_BLIJN.reshape(Bsz, L, ROUTES), 1, -1), u_BLE[:, :, :Di])
+      C_BRL = jnp.moveaxis(jnp.concatenate(C_IBLJN, axis=2)[..., 0], 1, -1)  # N = 1
+      y_BHWD = tail(y_BLE, C_BRL, seqs[0])
     else:
       y_BHWD = merge_routes(y_BLE, H, W)
       if self.adaptor_s is not None:
