@@ -1,7 +1,7 @@
 """What the adaptor costs: each adapted model's train step against its base model's, in one run.
 
   python benchmarks/adaptor_cost.py [--pairs=vmamba_tiny:adaptor_vmamba_tiny,...]
-      [--platforms=cpu,tpu] [--cpu_batch=2] [--cpu_dtype=float32] [--iters=3]
+      [--platforms=cpu,tpu] [--cpu_batch=2] [--cpu_dtype=float32] [--iters=7]
       [--tpu_chip=v5e] [--tpu_batch=32] [--tpu_dtype=bfloat16] [--out=PATH]
 
 A pair is BASE:ADAPTED; a name with "+none" is that preset with config.form = "none" (b2's
@@ -9,7 +9,7 @@ dims and depths without its adaptors: "mamba_adaptor_b2+none"). The step is the 
 (steps.make_train_step through the training code: the configs/ recipe's AdamW, clipping, EMA,
 on-device augmentation), 224x224, 1000 classes, synthetic uint8 images.
   cpu  on this host's first CPU device: the compiled memory analysis (temporaries per image) and
-       the median step time of --iters steps after one warm-up;
+       the median step time of --iters steps after one warm-up, the pair's two steps in turns;
   tpu  deviceless (libtpu's compiler on this host, adaptor_jax.training.aot) for one --tpu_chip:
        temporaries, HBM, FLOPs and bytes accessed per image.
 Every row also gives the adapted / base ratios. Writes benchmarks/results/adaptor-cost.json
@@ -32,7 +32,7 @@ flags.DEFINE_list("pairs", ["vmamba_tiny:adaptor_vmamba_tiny",
 flags.DEFINE_list("platforms", ["cpu", "tpu"], "cpu (compiled and timed here), tpu (deviceless)")
 flags.DEFINE_integer("cpu_batch", 2, "batch of the CPU step")
 flags.DEFINE_enum("cpu_dtype", "float32", config_lib.DTYPES, "compute dtype of the CPU step")
-flags.DEFINE_integer("iters", 3, "timed CPU steps (the median is reported)")
+flags.DEFINE_integer("iters", 7, "timed CPU steps of each model (the median is reported)")
 flags.DEFINE_enum("tpu_chip", "v5e", sorted(aot.CHIPS), "TPU chip of the deviceless compile")
 flags.DEFINE_integer("tpu_batch", 32, "per-chip batch of the TPU compile")
 flags.DEFINE_enum("tpu_dtype", "bfloat16", config_lib.DTYPES, "compute dtype of the TPU step")
@@ -53,7 +53,8 @@ def make_config(name, dtype):
   return c
 
 
-def measure_cpu(name):
+def compile_cpu(name):
+  """The CPU train step of `name`, compiled, with its state and a batch, and its row so far."""
   config = make_config(name, FLAGS.cpu_dtype)
   config.batch_size = FLAGS.cpu_batch
   config_lib.validate(config)
@@ -70,12 +71,25 @@ def measure_cpu(name):
       label=jax.device_put(jnp.arange(config.batch_size, dtype=jnp.int32) % NUM_CLASSES, sh))
   start = time.perf_counter()
   compiled = step.lower(state, batch).compile()
-  compile_s = time.perf_counter() - start
-  _, metrics, times = results_file.timed_steps(compiled, state, batch, 1, FLAGS.iters)
-  mem = aot.memory(compiled)
-  return dict(batch=config.batch_size, dtype=config.dtype, compile_s=round(compile_s, 1),
-              temporaries_mb_per_image=mem["temporaries"] / config.batch_size / 1e6,
-              step_s=results_file.median(times), loss=float(metrics["loss"]))
+  row = dict(batch=config.batch_size, dtype=config.dtype,
+             compile_s=round(time.perf_counter() - start, 1),
+             temporaries_mb_per_image=aot.memory(compiled)["temporaries"] / config.batch_size / 1e6)
+  return row, [compiled, state, batch]
+
+
+def measure_cpu(names):
+  """The rows of `names` (a base model and its adapted one), their steps timed in turns (one
+  warm-up each, then `iters` rounds of one step of each): this machine's speed drifts by 10-20%
+  over minutes, and turns keep that drift out of the ratio."""
+  made = {name: compile_cpu(name) for name in names}
+  times, loss = {name: [] for name in names}, {}
+  for i in range(1 + FLAGS.iters):  # round 0 warms up
+    for name, (_, run) in made.items():
+      run[1], metrics, took = results_file.timed_steps(*run, 0, 1)  # run[1]: the state
+      times[name] += took if i else []
+      loss[name] = float(metrics["loss"])
+  return {name: dict(row, step_s=results_file.median(times[name]), loss=loss[name])
+          for name, (row, _) in made.items()}
 
 
 def measure_tpu(name):
@@ -91,7 +105,8 @@ def measure_tpu(name):
               gflops_per_image=cost["flops"] / b / 1e9, gbytes_per_image=cost["bytes"] / b / 1e9)
 
 
-MEASURE = {"cpu": measure_cpu, "tpu": measure_tpu}
+MEASURE = {"cpu": measure_cpu,
+           "tpu": lambda names: {name: measure_tpu(name) for name in names}}
 RATIOS = {"cpu": ("temporaries_mb_per_image", "step_s"),
           "tpu": ("temporaries_mb_per_image", "gflops_per_image", "gbytes_per_image")}
 
@@ -115,17 +130,17 @@ def main(argv):
   rows = results["rows"]
   for platform in FLAGS.platforms:
     for pair in FLAGS.pairs:
-      base, adapted = pair.split(":")
-      for name in (base, adapted):
-        key = row_key(platform, name)
-        if key not in rows or FLAGS.redo:
-          rows[key] = dict(MEASURE[platform](name), model=name, platform=platform)
-          if name == adapted:
-            rows[key]["vs"] = base
-            rows[key]["ratios"] = {k: rows[key][k] / rows[row_key(platform, base)][k]
+      base, adapted = names = pair.split(":")
+      keys = [row_key(platform, name) for name in names]
+      if FLAGS.redo or not all(key in rows for key in keys):
+        for key, (name, row) in zip(keys, MEASURE[platform](names).items()):
+          rows[key] = dict(row, model=name, platform=platform)
+        rows[keys[1]]["vs"] = base
+        rows[keys[1]]["ratios"] = {k: rows[keys[1]][k] / rows[keys[0]][k]
                                    for k in RATIOS[platform]}
-          results_file.save(FLAGS.out, results, jax=jax.__version__,
-                            host_cpu_count=os.cpu_count())
+        results_file.save(FLAGS.out, results, jax=jax.__version__,
+                          host_cpu_count=os.cpu_count())
+      for key, name in zip(keys, names):
         print_row(platform, name, rows[key], rows[key].get("ratios"))
   print("results in", FLAGS.out)
 
