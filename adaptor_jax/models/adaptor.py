@@ -107,7 +107,10 @@ def route_linear(x_BLE, w_RDC):
   """Each route's own linear map of its states, positions last: out[b, r, c, l] =
   sum_d x[b, l, r * D + d] w[r, d, c]. XLA lays x out routes-first for the product; the
   backward takes each route's d w in a loop over the routes, so that nothing in it repeats
-  that layout (XLA:CPU would merge the two and keep the copy until the backward)."""
+  that layout (XLA:CPU would merge the two and keep the copy until the backward), and each
+  route's dx as its own product, side by side in the lanes as x is: as one product, XLA:TPU
+  laid dx out routes-first and copied it (a VSS block with both adaptors, v5e, batch 32, fwd +
+  bwd: 0.687 -> 0.670 GB per image at width 96, 0.272 -> 0.269 at width 192)."""
   return jnp.einsum("blrd,rdc->brcl", _by_route(x_BLE, w_RDC), w_RDC)
 
 
@@ -128,7 +131,7 @@ def _route_linear_bwd(res, g_BRCL):
     x_BLD = jax.lax.dynamic_slice_in_dim(x_BLE, r * D, D, axis=2)
     return jnp.einsum("bld,bcl->dc", x_BLD, g_BRCL[:, r])
 
-  dx = jnp.einsum("brcl,rdc->blrd", g_BRCL, w_RDC).reshape(x_BLE.shape)
+  dx = jnp.concatenate([g_BRCL[:, r].mT @ w_RDC[r].T for r in range(w_RDC.shape[0])], axis=-1)
   dw = jax.lax.map(route, jnp.arange(w_RDC.shape[0]))
   return dx.astype(x_BLE.dtype), dw.astype(w_RDC.dtype)
 
