@@ -105,12 +105,15 @@ class AdaptorT(nnx.Module):
 @jax.custom_vjp
 def route_linear(x_BLE, w_RDC):
   """Each route's own linear map of its states, positions last: out[b, r, c, l] =
-  sum_d x[b, l, r * D + d] w[r, d, c]. XLA lays x out routes-first for the product; the
-  backward takes each route's d w in a loop over the routes, so that nothing in it repeats
-  that layout (XLA:CPU would merge the two and keep the copy until the backward), and each
-  route's dx as its own product, side by side in the lanes as x is: as one product, XLA:TPU
-  laid dx out routes-first and copied it (a VSS block with both adaptors, v5e, batch 32, fwd +
-  bwd: 0.687 -> 0.670 GB per image at width 96, 0.272 -> 0.269 at width 192)."""
+  sum_d x[b, l, r * D + d] w[r, d, c]. XLA lays x out routes-first for the product. The
+  backward takes each route's dx as its own product, side by side in the lanes as x is: as one
+  product, XLA:TPU laid dx out routes-first and copied it (a VSS block with both adaptors, v5e,
+  batch 32, fwd + bwd: 0.687 -> 0.670 GB per image at width 96, 0.272 -> 0.269 at width 192).
+  Each route's d w is its own product too, except on the CPU, where they are a loop over the
+  routes: XLA:CPU merges the routes-first layout of x for the static products with the
+  forward's and keeps it until the backward (+23 MB per image in the booster's train step).
+  Elsewhere static products, so that XLA's cost analysis sees them all (it counts a loop's
+  body once); the block at width 96 then moves 0.653 GB per image."""
   return jnp.einsum("blrd,rdc->brcl", _by_route(x_BLE, w_RDC), w_RDC)
 
 
@@ -125,14 +128,16 @@ def _route_linear_fwd(x_BLE, w_RDC):
 
 def _route_linear_bwd(res, g_BRCL):
   x_BLE, w_RDC = res
-  D = w_RDC.shape[1]
+  R, D, _ = w_RDC.shape
 
-  def route(r):  # sliced inside the loop from x as it is kept
+  def route(r):  # the CPU's loop slices x as it is kept
     x_BLD = jax.lax.dynamic_slice_in_dim(x_BLE, r * D, D, axis=2)
     return jnp.einsum("bld,bcl->dc", x_BLD, g_BRCL[:, r])
 
-  dx = jnp.concatenate([g_BRCL[:, r].mT @ w_RDC[r].T for r in range(w_RDC.shape[0])], axis=-1)
-  dw = jax.lax.map(route, jnp.arange(w_RDC.shape[0]))
+  dx = jnp.concatenate([g_BRCL[:, r].mT @ w_RDC[r].T for r in range(R)], axis=-1)
+  dw = jax.lax.platform_dependent(
+      cpu=lambda: jax.lax.map(route, jnp.arange(R)),
+      default=lambda: jnp.stack([route(r) for r in range(R)]))
   return dx.astype(x_BLE.dtype), dw.astype(w_RDC.dtype)
 
 
