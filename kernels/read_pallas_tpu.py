@@ -10,10 +10,11 @@ transpose, and no padding of a head's C channels to 128 lanes). Both kernels run
 (batch, L chunks), chunk axis sequential. The image's whole sequence h[b] (L, G x C) stays in
 VMEM across its chunks (cast once to float32 scratch). Per chunk, its positions' tables are
 copied into SMEM, where the scalar unit reads them: the first row read, its fraction and its
-weight for every (head, point), and the scale of every head. Each is built in XLA from the
-positions-last arguments as one slab per chunk (lane-dense: nothing per position is padded
-to 128 lanes). The kernels address one row of h per tap, over the 128-lane window that holds
-the tap's head; a lane mask keeps the head's channels:
+weight for every (head, point), and the scale of every head. Each is the positions-last
+argument as it comes (padded to whole chunks: nothing per position is padded to 128 lanes),
+and a chunk's part is a window of block_l columns (a multiple of 128 lanes) that the kernel
+copies: XLA builds no per-chunk slabs. The kernels address one row of h per tap, over the
+128-lane window that holds the tap's head; a lane mask keeps the head's channels:
 
 * forward: out_t = scale_tg (h_t + gamma read_t) over head g's lanes, read_t = sum_k (1 - f)
   w h[p0] + f w h[p1];
@@ -44,11 +45,12 @@ VMEM_LIMIT_BYTES = 96 * 2**20  # above Mosaic's 16 MiB default when the whole im
 
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
-  """block_l: positions per grid step (their tables sit in SMEM: 3 x block_l x G x K words,
-  and block_l x G for the scale). 128, a table's lane row per (head, point): XLA then builds
-  the tables without relaying out part-rows of lanes. A VSS block with both adaptors, v5e,
-  batch 32, fwd + bwd, GB per image at widths 96 / 192 / 384: 0.653 / 0.271 / 0.112 with 32,
-  0.620 / 0.248 / 0.103 with 128, 0.638 / 0.251 at the first two with 256."""
+  """block_l: positions per grid step, a multiple of 128 (a chunk's table columns start at a
+  whole lane tile) unless it covers L; their tables sit in SMEM: 3 x block_l x G x K words,
+  and block_l x G for the scale. A VSS block with both adaptors, v5e, batch 32, fwd + bwd, GB
+  per image at widths 96 / 192 / 384, when the tables were per-chunk slabs built by XLA:
+  0.653 / 0.271 / 0.112 with 32, 0.620 / 0.248 / 0.103 with 128, 0.638 / 0.251 at the first
+  two with 256; with the windows copied from the arguments, 0.599 / 0.242 with 128."""
   block_l: int = 128
 
 
@@ -76,8 +78,6 @@ class _Config:
   def dot_lanes(self):  # per position: e0 and e1 of every (head, point), then <h, d out> per head
     return 2 * self.heads * self.points + self.heads
 
-  def table_rows(self, per_position):  # a chunk's slab of 128-word rows, whole (8, 128) tiles
-    return pl.cdiv(per_position * self.block_l, 1024) * 8
 
 
 def read(h, pos, weight, gamma=None, scale=None, *, interpret=False, block_l=None):
@@ -86,8 +86,8 @@ def read(h, pos, weight, gamma=None, scale=None, *, interpret=False, block_l=Non
   batch, length, groups, C = h.shape
   bl = block_l or BlockSizes().block_l
   bl = length if bl >= length else bl
-  if bl != length and bl % 8:
-    raise ValueError(f"block_l={bl} must be a multiple of 8 (or at least L={length})")
+  if bl != length and bl % 128:  # a chunk's table columns start at a whole lane tile
+    raise ValueError(f"block_l={bl} must be a multiple of 128 (or at least L={length})")
   cfg = _Config(length, groups, C, pos.shape[2], bl, h.dtype != F32, gamma is not None,
                 scale is not None, interpret)
   return _read(cfg, h, pos, weight, gamma, scale)
@@ -139,26 +139,17 @@ def _gamma_row(cfg, gamma):
 
 
 def _tables(cfg, pos, weight, scale):
-  """The SMEM tables of every image and chunk, (batch, n_chunks, rows, 128): the first row read
-  (int32), its fraction and the weight of every (head, point), entry (g K + k) block_l + t for
-  the chunk's position t; and the scale of every head, entry g block_l + t. Padded positions
-  read row 0 with weight 0."""
+  """The SMEM tables, positions last as the arguments come, padded to whole chunks: the first
+  row read (int32), its fraction and the weight of every (head, point), (batch, G K,
+  n_chunks x block_l); and the scale of every head, (batch, G, ...). Padded positions read row
+  0 with weight 0. A kernel copies its chunk's columns of each (rows of block_l words) to SMEM."""
   batch, G, K, L = pos.shape
   p0, _, f = taps(pos, L)
-  pad = cfg.n_chunks * cfg.block_l - L
-
-  def table(x_BNL, rows):  # (batch, N, L) -> (batch, n_chunks, rows, 128)
-    n = x_BNL.shape[1] * cfg.block_l
-    x = jnp.pad(x_BNL, [(0, 0), (0, 0), (0, pad)])
-    x = x.reshape(batch, -1, cfg.n_chunks, cfg.block_l).transpose(0, 2, 1, 3)
-    x = jnp.pad(x.reshape(batch, cfg.n_chunks, n), [(0, 0), (0, 0), (0, rows * 128 - n)])
-    return x.reshape(batch, cfg.n_chunks, rows, 128)
-
-  rows = cfg.table_rows(G * K)
-  flat = lambda x: x.reshape(batch, G * K, L)
-  out = [table(flat(p0), rows), table(flat(f), rows), table(flat(weight), rows)]
+  pad = lambda x: jnp.pad(x.reshape(batch, -1, L),
+                          [(0, 0), (0, 0), (0, cfg.n_chunks * cfg.block_l - L)])
+  out = [pad(p0), pad(f), pad(weight)]
   if scale is not None:
-    out.append(table(scale.astype(F32), cfg.table_rows(G)))
+    out.append(pad(scale.astype(F32)))
   return out
 
 
@@ -184,7 +175,7 @@ def _call(cfg, kernel, name, out_shape, in_specs, out_specs, scratch, tables, ar
     raise ValueError(f"memory_read pallas_tpu: an image of L={cfg.length} x G*C={cfg.width} "
                      f"needs {need / 2**20:.0f} MiB of VMEM (limit "
                      f"{VMEM_LIMIT_BYTES / 2**20:.0f} MiB); use backend='xla'")
-  smem = [pltpu.SMEM(t.shape[2:], t.dtype) for t in tables]
+  smem = [pltpu.SMEM((t.shape[1], cfg.block_l), t.dtype) for t in tables]
   scratch = scratch + smem + [pltpu.SemaphoreType.DMA((len(tables),))]
   present = [a for a in args if a is not None]
   specs = [s for a, s in zip(args, in_specs) if a is not None]
@@ -205,10 +196,12 @@ def _specs(cfg):
   return image, chunk, row
 
 
-def _load_tables(hbm_refs, smem_refs, sem):
-  """The chunk's tables, HBM -> SMEM."""
+def _load_tables(cfg, hbm_refs, smem_refs, sem):
+  """The chunk's columns of the tables, HBM -> SMEM."""
   b, c = pl.program_id(0), pl.program_id(1)
-  copies = [pltpu.make_async_copy(src.at[b, c], dst, sem.at[i])
+  cols = (slice(None) if cfg.n_chunks == 1 else  # else block_l is a multiple of 128
+          pl.ds(pl.multiple_of(c * cfg.block_l, cfg.block_l), cfg.block_l))
+  copies = [pltpu.make_async_copy(src.at[b, :, cols], dst, sem.at[i])
             for i, (src, dst) in enumerate(zip(hbm_refs, smem_refs))]
   for cp in copies:
     cp.start()
@@ -228,22 +221,15 @@ def _image_f32(cfg, h_ref, hf_s):
   return hf_s
 
 
-def _at(table_s, i):
-  """Entry i (>= 0) of a (rows, 128) SMEM table (shifts: integer division would need the chip's
-  generation to lower)."""
-  return table_s[jax.lax.shift_right_logical(i, 7), i & 127]
-
-
 def _tap(cfg, tables_s, t, g, k):
   """Tap (g, k) of the chunk's position t: its two rows, their weights (scale not included)."""
-  idx_s, f_s, w_s = tables_s[:3]
-  e = (g * cfg.points + k) * cfg.block_l + t
-  i0, fk, wk = _at(idx_s, e), _at(f_s, e), _at(w_s, e)
+  e = g * cfg.points + k
+  i0, fk, wk = (table_s[e, t] for table_s in tables_s[:3])
   return i0, jnp.minimum(i0 + 1, cfg.length - 1), wk * (1.0 - fk), wk * fk
 
 
 def _scale(cfg, tables_s, t, g):
-  return _at(tables_s[3], g * cfg.block_l + t) if cfg.scale else None
+  return tables_s[3][g, t] if cfg.scale else None
 
 
 def _head_windows(cfg):
@@ -290,7 +276,7 @@ def _fwd_kernel(cfg, *refs):
   hf_s = rest[0] if cfg.cast else None
   out_s, *rest = rest[cfg.cast:]
   tables_s, sem = rest[:-1], rest[-1]
-  _load_tables(tables_hbm, tables_s, sem)
+  _load_tables(cfg, tables_hbm, tables_s, sem)
   hf = _image_f32(cfg, h_ref, hf_s)
   windows = _head_windows(cfg)
   first = pl.program_id(1) * cfg.block_l
@@ -342,7 +328,7 @@ def _bwd_kernel(cfg, *refs):
   dh_s, dout_s, dots_s, dgamma_s, *rest = rest[cfg.cast:]
   tables_s, sem = rest[:-1], rest[-1]
   c = pl.program_id(1)
-  _load_tables(tables_hbm, tables_s, sem)
+  _load_tables(cfg, tables_hbm, tables_s, sem)
   hf = _image_f32(cfg, h_ref, hf_s)
   windows = _head_windows(cfg)
 
