@@ -83,8 +83,10 @@ def test_adaptor_t_matches_numpy_loops(selection):
 
 @pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 1e-2)])
 @pytest.mark.parametrize("dilations", [(1, 2, 3), (2,), (1, 4)])
-def test_dilated_dwconvs_match_separate_convs(dilations, dtype, tol):
-  """The one-stencil op against N depthwise lax convolutions (float32 oracle), forward and the
+@pytest.mark.parametrize("impl", ["op", "merged"])
+def test_dilated_dwconvs_match_separate_convs(impl, dilations, dtype, tol):
+  """The op (on the CPU, the stencil) and TPU's form of it (one depthwise convolution with the
+  N kernels merged) against N depthwise lax convolutions (float32 oracle), forward and the
   gradients of y, kernel and bias; H, W smaller than the largest dilation's reach included."""
   N, D = len(dilations), 6
   keys = jax.random.split(jax.random.PRNGKey(sum(dilations) + len(dilations)), 4)
@@ -101,7 +103,8 @@ def test_dilated_dwconvs_match_separate_convs(dilations, dtype, tol):
 
   def ours(y, kernel, bias):
     args = [a.astype(dtype) for a in (y, kernel, bias)]
-    return common.dilated_dwconvs(*args, dilations).astype(jnp.float32)
+    op = common.dilated_dwconvs if impl == "op" else common._dwconv_merged
+    return op(*args, dilations).astype(jnp.float32)
 
   def out_and_grads(f):
     grads = jax.grad(lambda *a: jnp.sum(weight * f(*a)), argnums=(0, 1, 2))(y, kernel, bias)
@@ -110,6 +113,19 @@ def test_dilated_dwconvs_match_separate_convs(dilations, dtype, tol):
   names = ("out", "dy", "dkernel", "dbias")
   for name, a, b in zip(names, out_and_grads(ours), out_and_grads(convs)):
     assert rel_err(a, b) <= tol, (name, dilations, dtype, rel_err(a, b))
+
+
+def test_dilated_dwconvs_is_a_convolution_on_tpu_only():
+  """Adaptor-S: which program each platform gets (values are checked above)."""
+  y = jax.ShapeDtypeStruct((2, 5, 7, 6), jnp.float32)
+  k = jax.ShapeDtypeStruct((3, 3, 3, 6), jnp.float32)
+  b = jax.ShapeDtypeStruct((3, 6), jnp.float32)
+  def text(platform):
+    grad = jax.grad(lambda *a: jnp.sum(common.dilated_dwconvs(*a, (1, 2, 3))), argnums=(0, 1, 2))
+    return jax.jit(grad).trace(y, k, b).lower(lowering_platforms=(platform,)).as_text()
+  assert "stablehlo.convolution" in text("tpu")
+  for platform in ("cpu", "cuda"):
+    assert "stablehlo.convolution" not in text(platform), platform
 
 
 def test_depthwise_conv3x3_is_a_stencil_on_cpu_and_a_convolution_elsewhere():

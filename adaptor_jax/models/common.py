@@ -91,8 +91,32 @@ def dilated_dwconvs(y_BHWD, kernel_N33D, bias_ND, dilations):
   N depthwise convolutions as one stencil of 1 + 8N shifted multiply-adds over a zero-padded y
   (the N centre taps share one), which XLA fuses into one pass. Its backward is the mirrored
   stencil for dy and one product-sum per tap for the kernel. Products accumulate in float32;
-  the result has y's dtype."""
-  return _dwconvs(y_BHWD, kernel_N33D, bias_ND, dilations)
+  the result has y's dtype. On TPU it is one depthwise convolution instead (_dwconv_merged)."""
+  return jax.lax.platform_dependent(
+      y_BHWD, kernel_N33D, bias_ND, tpu=functools.partial(_dwconv_merged, dilations=dilations),
+      default=lambda *a: _dwconvs(*a, dilations))
+
+
+def _dwconv_merged(y_BHWD, kernel_N33D, bias_ND, dilations):
+  """The N kernels placed in one (2P + 1)^2 kernel (P the largest dilation; the centres add
+  up) and one depthwise convolution with it, differentiated by XLA. Its taps outside the N 3 x
+  3 grids are zero: 49 taps for (1, 2, 3) where the stencil has 25. Compiled for v5e, a VSS
+  block with both adaptors (bf16, batch 32, fwd + bwd) moved 1.6% / 1.9% / 2.1% fewer bytes
+  than with the stencil at widths 96 / 192 / 384 (the stencil keeps a float32 copy of y for its
+  25 reads) and held 9% / 0% / 14% fewer temporaries; the whole train step (adaptor_cost.py)
+  2.249 -> 2.230 GB per image for the booster, 2.737 -> 2.699 for b2, for +0.5% / +0.8% FLOPs.
+  GPUs keep the stencil: not measured there."""
+  P, D = max(dilations), y_BHWD.shape[-1]
+  acc = jnp.promote_types(y_BHWD.dtype, jnp.float32)
+  k = jnp.zeros((2 * P + 1, 2 * P + 1, D), acc)
+  for n, d in enumerate(dilations):
+    grid = slice(P - d, P + d + 1, d)
+    k = k.at[grid, grid].add(kernel_N33D[n].astype(acc))
+  out = jax.lax.conv_general_dilated(
+      y_BHWD, k.astype(y_BHWD.dtype)[:, :, None, :], (1, 1), ((P, P), (P, P)),
+      dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=D,
+      preferred_element_type=acc)
+  return (out + bias_ND.astype(acc).sum(0)).astype(y_BHWD.dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
