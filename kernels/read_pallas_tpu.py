@@ -79,7 +79,6 @@ class _Config:
     return 2 * self.heads * self.points + self.heads
 
 
-
 def read(h, pos, weight, gamma=None, scale=None, *, interpret=False, block_l=None):
   """memory_read on TPU: h (batch, L, G, C), pos and weight (batch, G, K, L) float32, gamma
   (G, C) or None, scale (batch, G, L) or None."""
