@@ -2,17 +2,19 @@
 
   out = memory_read(h, pos, weight, gamma=None, scale=None, backend="auto")
   h: (batch, L, G, C)         G independent heads (Adaptor-T: route x channel group), C channels
-  pos, weight: (batch, G, K, L) float32: K locations per head and position, and their weights
+  pos, weight: (batch, K, G, L) float32: K locations per head and position, and their weights
   gamma: (G, C) or None;  scale: (batch, G, L) or None
-  read[b, i, g] = sum_k weight[b, g, k, i] * lerp(h[b, :, g], pos[b, g, k, i])
+  read[b, i, g] = sum_k weight[b, k, g, i] * lerp(h[b, :, g], pos[b, k, g, i])
   lerp(x, p) = (1 - f) x[p0] + f x[p1],  p0 = floor(p), p1 = min(p0 + 1, L - 1), f = p - p0
   out = read                      when gamma is None,
         h + gamma * read          (Adaptor-T's h') otherwise;
   then out[b, i, g] *= scale[b, g, i] when scale is given (Adaptor-T's y = C h' of one route).
 
-The per-position arguments put the positions last: on TPU an array's last axis is padded to 128
-lanes, and (batch, L, G, K) would be padded 32-fold; h keeps a head's channels last, its
-heads side by side (batch, L, G x C) in the Pallas kernels.
+The per-position arguments put the positions last and the points first: on TPU an array's last
+axis is padded to 128 lanes and its second-to-last to 8 sublanes, so (batch, L, G, K) would be
+padded 32-fold and (batch, G, K, L) 2-fold for K = 4, where (batch, K, G, L) is not padded
+when G is a multiple of 8 (Adaptor-T's 16 heads); h keeps a head's channels last, its heads side
+by side (batch, L, G x C) in the Pallas kernels.
 pos should lie in [0, L - 1] (Adaptor-T clips it); the rows read are clamped to the sequence.
 `out` has h's dtype; products accumulate in float32. Gradients: dh (the residual path plus a
 scatter-add of the weighted cotangent rows), d pos = weight (h[p1] - h[p0]) . d read,
@@ -76,8 +78,8 @@ def _check(h, pos, weight, gamma, scale):
   if length == 0:
     fail("h has length L = 0")
   for name, x in (("pos", pos), ("weight", weight)):
-    if x.ndim != 4 or x.shape[:2] != (batch, groups) or x.shape[3] != length:
-      fail(f"{name} must be (batch, G, K, L) = {(batch, groups, 'K', length)}, got {x.shape}")
+    if x.ndim != 4 or x.shape[0] != batch or x.shape[2:] != (groups, length):
+      fail(f"{name} must be (batch, K, G, L) = {(batch, 'K', groups, length)}, got {x.shape}")
   if pos.shape != weight.shape:
     fail(f"pos and weight must have the same shape, got {pos.shape} and {weight.shape}")
   if gamma is not None and gamma.shape != h.shape[2:]:
@@ -98,13 +100,13 @@ def taps(pos, length):
 
 
 def positions_first(x):
-  """(batch, G, [K,] L) -> (batch, L, G[, K]): a per-position argument in h's order."""
+  """(batch, G, L) -> (batch, L, G): the scale in h's order."""
   return jnp.moveaxis(x, -1, 1)
 
 
-def _per_point(x_BGKL):
+def _per_point(x_BKGL):
   """(K, batch, L, G): the points first, for a loop over them."""
-  return jnp.transpose(x_BGKL, (2, 0, 3, 1))
+  return jnp.transpose(x_BKGL, (1, 0, 3, 2))
 
 
 def combine(read, h, gamma, scale):
@@ -118,9 +120,9 @@ def combine(read, h, gamma, scale):
 # reference: every tap at once, autodiff backward.
 
 def reference(h, pos, weight, gamma=None, scale=None):
-  length, K = h.shape[1], pos.shape[2]
+  length, K = h.shape[1], pos.shape[1]
   acc = jnp.promote_types(h.dtype, F32)
-  pos, weight = positions_first(pos), positions_first(weight)  # (batch, L, G, K)
+  pos, weight = (jnp.transpose(x, (0, 3, 2, 1)) for x in (pos, weight))  # (batch, L, G, K)
   p0, p1, f = taps(pos, length)
   idx_BLGJ = jnp.concatenate([p0, p1], axis=-1)  # J = 2K taps
   w_BLGJ = jnp.concatenate([weight * (1.0 - f), weight * f], axis=-1)
@@ -214,7 +216,7 @@ def _xla_bwd(res, d_out):
   d_gamma = None
   if gamma is not None:  # d gamma = sum of d out * sc * read
     d_gamma = jnp.sum(d_out * sc[..., None] * read, axis=(0, 1)).astype(gamma.dtype)
-  back = lambda x: jnp.transpose(x, (1, 3, 0, 2))  # (K, batch, L, G) -> (batch, G, K, L)
+  back = lambda x: jnp.transpose(x, (1, 0, 3, 2))  # (K, batch, L, G) -> (batch, K, G, L)
   return (dh.reshape(h.shape).astype(h.dtype), back(d_pos), back(d_weight), d_gamma,
           None if scale is None else jnp.moveaxis(d_scale, 1, -1).astype(scale.dtype))
 

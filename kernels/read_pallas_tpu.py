@@ -10,7 +10,7 @@ transpose, and no padding of a head's C channels to 128 lanes). Both kernels run
 (batch, L chunks), chunk axis sequential. The image's whole sequence h[b] (L, G x C) stays in
 VMEM across its chunks (cast once to float32 scratch). Per chunk, its positions' tables are
 copied into SMEM, where the scalar unit reads them: the first row read, its fraction and its
-weight for every (head, point), and the scale of every head. Each is the positions-last
+weight for every (point, head), and the scale of every head. Each is the positions-last
 argument as it comes (padded to whole chunks: nothing per position is padded to 128 lanes),
 and a chunk's part is a window of block_l columns (a multiple of 128 lanes) that the kernel
 copies: XLA builds no per-chunk slabs. The kernels address one row of h per tap, over the
@@ -75,19 +75,19 @@ class _Config:
     return self.heads * self.channels
 
   @property
-  def dot_lanes(self):  # per position: e0 and e1 of every (head, point), then <h, d out> per head
+  def dot_lanes(self):  # per position: e0 and e1 of every (point, head), then <h, d out> per head
     return 2 * self.heads * self.points + self.heads
 
 
 def read(h, pos, weight, gamma=None, scale=None, *, interpret=False, block_l=None):
-  """memory_read on TPU: h (batch, L, G, C), pos and weight (batch, G, K, L) float32, gamma
+  """memory_read on TPU: h (batch, L, G, C), pos and weight (batch, K, G, L) float32, gamma
   (G, C) or None, scale (batch, G, L) or None."""
   batch, length, groups, C = h.shape
   bl = block_l or BlockSizes().block_l
   bl = length if bl >= length else bl
   if bl != length and bl % 128:  # a chunk's table columns start at a whole lane tile
     raise ValueError(f"block_l={bl} must be a multiple of 128 (or at least L={length})")
-  cfg = _Config(length, groups, C, pos.shape[2], bl, h.dtype != F32, gamma is not None,
+  cfg = _Config(length, groups, C, pos.shape[1], bl, h.dtype != F32, gamma is not None,
                 scale is not None, interpret)
   return _read(cfg, h, pos, weight, gamma, scale)
 
@@ -105,18 +105,18 @@ def _read_fwd(cfg, h, pos, weight, gamma, scale):
 
 def _read_bwd(cfg, res, d_out):
   h, pos, weight, gamma, scale = res
-  batch, G, K, L = pos.shape
+  batch, K, G, L = pos.shape
   tables = _tables(cfg, pos, weight, scale)
   dh, dots, d_gamma = _backward(cfg, tables, _lanes(h), _lanes(d_out), _gamma_row(cfg, gamma))
   dots = jnp.moveaxis(dots[:, :L], 1, -1)  # positions last: (batch, lanes, L)
-  e0 = dots[:, :G * K].reshape(batch, G, K, L)
-  e1 = dots[:, G * K:2 * G * K].reshape(batch, G, K, L)
+  e0 = dots[:, :G * K].reshape(batch, K, G, L)
+  e1 = dots[:, G * K:2 * G * K].reshape(batch, K, G, L)
   f = taps(pos, L)[2]
-  sc = 1.0 if scale is None else scale.astype(F32)[:, :, None]
+  sc = 1.0 if scale is None else scale.astype(F32)[:, None]
   lerp_dot = (1.0 - f) * e0 + f * e1  # <lerp of the rows, d out * gamma>
   d_scale = None
   if scale is not None:
-    d_scale = jnp.sum(weight * lerp_dot, axis=2)
+    d_scale = jnp.sum(weight * lerp_dot, axis=1)
     if gamma is not None:
       d_scale = d_scale + dots[:, 2 * G * K:]
     d_scale = d_scale.astype(scale.dtype)
@@ -139,10 +139,10 @@ def _gamma_row(cfg, gamma):
 
 def _tables(cfg, pos, weight, scale):
   """The SMEM tables, positions last as the arguments come, padded to whole chunks: the first
-  row read (int32), its fraction and the weight of every (head, point), (batch, G K,
+  row read (int32), its fraction and the weight of every (point, head), (batch, K G,
   n_chunks x block_l); and the scale of every head, (batch, G, ...). Padded positions read row
   0 with weight 0. A kernel copies its chunk's columns of each (rows of block_l words) to SMEM."""
-  batch, G, K, L = pos.shape
+  batch, K, G, L = pos.shape
   p0, _, f = taps(pos, L)
   pad = lambda x: jnp.pad(x.reshape(batch, -1, L),
                           [(0, 0), (0, 0), (0, cfg.n_chunks * cfg.block_l - L)])
@@ -222,7 +222,7 @@ def _image_f32(cfg, h_ref, hf_s):
 
 def _tap(cfg, tables_s, t, g, k):
   """Tap (g, k) of the chunk's position t: its two rows, their weights (scale not included)."""
-  e = g * cfg.points + k
+  e = k * cfg.heads + g
   i0, fk, wk = (table_s[e, t] for table_s in tables_s[:3])
   return i0, jnp.minimum(i0 + 1, cfg.length - 1), wk * (1.0 - fk), wk * fk
 
@@ -355,8 +355,8 @@ def _bwd_kernel(cfg, *refs):
       for k in range(K):
         i0, i1, w0, w1 = _tap(cfg, tables_s, t, g, k)
         r0, r1 = hf[pl.ds(i0, 1), start:stop], hf[pl.ds(i1, 1), start:stop]
-        dots = jnp.where(lane == g * K + k, jnp.sum(r0 * e, axis=1, keepdims=True), dots)
-        dots = jnp.where(lane == G * K + g * K + k, jnp.sum(r1 * e, axis=1, keepdims=True),
+        dots = jnp.where(lane == k * G + g, jnp.sum(r0 * e, axis=1, keepdims=True), dots)
+        dots = jnp.where(lane == G * K + k * G + g, jnp.sum(r1 * e, axis=1, keepdims=True),
                          dots)
         s0, s1 = (w0, w1) if sc is None else (sc * w0, sc * w1)
         dh_s[pl.ds(i0, 1), start:stop] += s0 * e

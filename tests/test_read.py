@@ -28,17 +28,17 @@ def make_inputs(seed, batch=2, length=37, groups=3, channels=8, points=4, revers
                 dtype=jnp.float32, gamma=False, scale=False):
   """h, pos, weight (and gamma, scale when asked for) as Adaptor-T makes them: pos = clip(i -/+
   window * sigmoid(o)) (backward-looking, or forward-looking for a reverse route), so many sit
-  exactly on the clip edges; a few are forced to integers, 0 and L - 1 exactly. Positions
-  last: pos, weight (batch, G, K, L), scale (batch, G, L)."""
+  exactly on the clip edges; a few are forced to integers, 0 and L - 1 exactly. Points first,
+  positions last: pos, weight (batch, K, G, L), scale (batch, G, L)."""
   k_h, k_o, k_w, k_win, k_g, k_s = jax.random.split(jax.random.PRNGKey(seed), 6)
   h = jax.random.normal(k_h, (batch, length, groups, channels)).astype(dtype)
-  window = length * jax.random.uniform(k_win, (groups, 1, 1), minval=0.1, maxval=1.0)
-  move = jax.nn.sigmoid(2.0 * jax.random.normal(k_o, (batch, groups, points, length)))
+  window = length * jax.random.uniform(k_win, (groups, 1), minval=0.1, maxval=1.0)
+  move = jax.nn.sigmoid(2.0 * jax.random.normal(k_o, (batch, points, groups, length)))
   i = jnp.arange(length, dtype=jnp.float32)
   pos = jnp.clip(i + (1.0 if reverse else -1.0) * window * move, 0.0, length - 1)
-  pos = pos.at[:, :, 0, ::5].set(jnp.floor(pos[:, :, 0, ::5]))
-  pos = pos.at[:, :, -1, :2].set(0.0).at[:, :, -1, -2:].set(length - 1.0)
-  weight = jax.nn.softmax(jax.random.normal(k_w, (batch, groups, points, length)), axis=2)
+  pos = pos.at[:, 0, :, ::5].set(jnp.floor(pos[:, 0, :, ::5]))
+  pos = pos.at[:, -1, :, :2].set(0.0).at[:, -1, :, -2:].set(length - 1.0)
+  weight = jax.nn.softmax(jax.random.normal(k_w, (batch, points, groups, length)), axis=1)
   args = (h, pos, weight)
   if gamma or scale:
     args += (jax.random.normal(k_g, (groups, channels)) if gamma else None,
@@ -145,12 +145,12 @@ def test_matches_the_einsum_formulation_in_adaptor_layout(backend):
   parts = [make_inputs(r, batch=B, length=L, groups=S, channels=D // S, points=K, reverse=r >= 2)
            for r in range(R)]
   h_BLRD = jnp.stack([p[0].reshape(B, L, D) for p in parts], axis=2)
-  p_BLRSK, c_BLRSK = (jnp.stack([jnp.moveaxis(p[i], -1, 1) for p in parts], axis=2)
+  p_BLRSK, c_BLRSK = (jnp.stack([jnp.transpose(p[i], (0, 3, 2, 1)) for p in parts], axis=2)
                       for i in (1, 2))
   gamma_RD = jax.random.normal(jax.random.PRNGKey(7), (R, D))
   C_BLR = jax.random.normal(jax.random.PRNGKey(8), (B, L, R))
   fn = kernels.memory_read if backend == "auto" else pallas_interpret(None)
-  last = lambda x: jnp.moveaxis(x, 1, -1).reshape(B, R * S, K, L)  # (B, L, R, S, K) -> heads
+  last = lambda x: jnp.transpose(x, (0, 4, 2, 3, 1)).reshape(B, K, R * S, L)  # heads (r, s)
 
   def op(h, p, c, gamma, C):
     scale = jnp.repeat(jnp.moveaxis(C, 1, -1), S, axis=1)
@@ -173,7 +173,7 @@ def test_gradients_match_finite_differences():
   loss = lambda h, p, w: jnp.sum(read.xla(h, p, w) * ct)
   g_h, g_p, g_w = jax.grad(loss, argnums=(0, 1, 2))(h, pos, weight)
   eps = 1e-2
-  for arg, grad, index in ((1, g_p, (0, 0, 1, 7)), (2, g_w, (0, 0, 0, 4)), (0, g_h, (0, 3, 0, 2))):
+  for arg, grad, index in ((1, g_p, (0, 1, 0, 7)), (2, g_w, (0, 0, 0, 4)), (0, g_h, (0, 3, 0, 2))):
     args = [h, pos, weight]
     up = [a.at[index].add(eps) if i == arg else a for i, a in enumerate(args)]
     down = [a.at[index].add(-eps) if i == arg else a for i, a in enumerate(args)]
@@ -216,9 +216,9 @@ def test_auto_backend_exports_the_mosaic_kernels_for_tpu():
 
 @pytest.mark.parametrize("bad, match", [
     (lambda h, p, w, g, s: (h[0], p, w, g, s), r"h must be \(batch, L, G, C\)"),
-    (lambda h, p, w, g, s: (h, p[:, 1:], w, g, s), r"pos must be \(batch, G, K, L\)"),
+    (lambda h, p, w, g, s: (h, p[:, :, 1:], w, g, s), r"pos must be \(batch, K, G, L\)"),
     (lambda h, p, w, g, s: (h, jnp.moveaxis(p, -1, 1), w, g, s), "pos must be"),
-    (lambda h, p, w, g, s: (h, p, w[:, :, :2], g, s), "the same shape"),
+    (lambda h, p, w, g, s: (h, p, w[:, :2], g, s), "the same shape"),
     (lambda h, p, w, g, s: (h.astype(jnp.int32), p, w, g, s), "h must be floating point"),
     (lambda h, p, w, g, s: (h[:, :0], p[..., :0], w[..., :0], g, s[..., :0]), "L = 0"),
     (lambda h, p, w, g, s: (h, p, w, g[:, :2], s), r"gamma must be \(G, C\)"),
@@ -235,7 +235,7 @@ def test_pallas_block_and_vmem_limits_are_named():
   with pytest.raises(ValueError, match="block_l=12 must be a multiple of 128"):
     read.pallas_tpu(h, pos, weight, interpret=INTERPRET, block_l=12)
   big = jax.ShapeDtypeStruct((1, 200_000, 1, 128), jnp.float32)
-  p = jax.ShapeDtypeStruct((1, 1, 4, 200_000), jnp.float32)
+  p = jax.ShapeDtypeStruct((1, 4, 1, 200_000), jnp.float32)
   with pytest.raises(ValueError, match="MiB of VMEM"):
     jax.eval_shape(lambda *a: read.pallas_tpu(*a), big, p, p)
 
@@ -259,7 +259,7 @@ def test_compiles_for_a_tpu_chip(name, dtype):
   batch, K = 2, 4
   device = jax.sharding.SingleDeviceSharding(aot.topology_devices("v5e", (1, 1))[0])
   spec = lambda shape, dt=jnp.float32: jax.ShapeDtypeStruct(shape, dt, sharding=device)
-  args = (spec((batch, L, G, C), dtype), spec((batch, G, K, L)), spec((batch, G, K, L)),
+  args = (spec((batch, L, G, C), dtype), spec((batch, K, G, L)), spec((batch, K, G, L)),
           spec((G, C)), spec((batch, G, L)))
   op = read.pallas_tpu
   loss = lambda *a: jnp.sum(op(*a).astype(jnp.float32) ** 2)

@@ -77,28 +77,30 @@ class AdaptorT(nnx.Module):
     B, L, E = h_BLE.shape
     R, S, K = ROUTES, self.num_groups, self.num_points
     D = E // R
-    # Everything per position is laid out positions-last: (B, R, S, K, L).
-    if self.selection == "learned":  # phi_p and phi_c as one product per route
-      w_RDC = jnp.concatenate([self.phi_p[...], self.phi_c[...]], axis=-1)
-      b_RC = jnp.concatenate([self.phi_p_bias[...], self.phi_c_bias[...]], axis=-1)
+    G = R * S  # the read's heads: (route, group) pairs
+    # Everything per position is laid out points first, positions last: (B, K, G, L), padded
+    # neither in its lanes nor in its sublanes on TPU (G = 16 heads).
+    if self.selection == "learned":  # phi_p and phi_c as one product per route, its outputs
+      # ordered (p or c, point, group) so that the heads come out side by side
+      kmajor = lambda x: jnp.swapaxes(x.reshape(*x.shape[:-1], S, K), -1, -2).reshape(x.shape)
+      w_RDC = jnp.concatenate([kmajor(self.phi_p[...]), kmajor(self.phi_c[...])], axis=-1)
+      b_RC = jnp.concatenate([kmajor(self.phi_p_bias[...]), kmajor(self.phi_c_bias[...])], -1)
       out = checkpoint_name(route_linear(h_BLE, w_RDC.astype(h_BLE.dtype)), PHI)
-      out = out.astype(jnp.float32)
-      out = (out + b_RC[:, :, None]).reshape(B, R, 2, S, K, L)
-      move_BRSKL = jax.nn.sigmoid(out[:, :, 0])
-      c_BRSKL = jax.nn.softmax(out[:, :, 1], axis=-2)
+      out = out.astype(jnp.float32) + b_RC[:, :, None]
+      out = out.reshape(B, R, 2, K, S, L).transpose(0, 2, 3, 1, 4, 5).reshape(B, 2, K, G, L)
+      move_BKGL = jax.nn.sigmoid(out[:, 0])
+      c_BKGL = jax.nn.softmax(out[:, 1], axis=1)
     else:
-      move_BRSKL = jnp.broadcast_to(((jnp.arange(K) + 1.0) / K)[:, None], (B, R, S, K, L))
-      c_BRSKL = jnp.full((B, R, S, K, L), 1.0 / K)
+      move_BKGL = jnp.broadcast_to(((jnp.arange(K) + 1.0) / K)[:, None, None], (B, K, G, L))
+      c_BKGL = jnp.full((B, K, G, L), 1.0 / K)
     window_S = L / 2.0 ** (S - 1 - jnp.arange(S, dtype=jnp.float32))
     back_R = jnp.array([-1.0, -1.0, 1.0, 1.0])  # forward routes look left, reverse ones right
+    reach_G = (back_R[:, None] * window_S).reshape(G)
     i_L = jnp.arange(L, dtype=jnp.float32)
-    p_BRSKL = jnp.clip(i_L + (back_R[:, None] * window_S)[:, :, None, None] * move_BRSKL,
-                       0.0, L - 1)
-    # heads = (route, group): each reads its own locations of its D/S channels
+    p_BKGL = jnp.clip(i_L + reach_G[:, None] * move_BKGL, 0.0, L - 1)
     scale = None if scale_BRL is None else jnp.repeat(scale_BRL, S, axis=1)
-    out = common.memory_read(h_BLE.reshape(B, L, R * S, D // S), p_BRSKL.reshape(B, R * S, K, L),
-                             c_BRSKL.reshape(B, R * S, K, L),
-                             self.gamma[...].reshape(R * S, D // S), scale)
+    out = common.memory_read(h_BLE.reshape(B, L, G, D // S), p_BKGL, c_BKGL,
+                             self.gamma[...].reshape(G, D // S), scale)
     return out.reshape(B, L, E)
 
 

@@ -54,7 +54,7 @@ NAMED = {
     "layer_norm": lambda eqn: 5 * math.prod(eqn.invars[0].aval.shape),
     "global_avg_pool": lambda eqn: math.prod(eqn.invars[0].aval.shape),
     "selective_scan": _scan,
-    "memory_read": lambda eqn: 2 * eqn.invars[1].aval.shape[2] * math.prod(
+    "memory_read": lambda eqn: 2 * eqn.invars[1].aval.shape[1] * math.prod(
         eqn.invars[0].aval.shape),
     "dilated_dwconvs": lambda eqn: 9 * eqn.invars[1].aval.shape[0] * math.prod(
         eqn.invars[0].aval.shape),
