@@ -9,24 +9,26 @@ Layout: h as it comes, (batch, L, G x C) with the G heads side by side in the la
 transpose, and no padding of a head's C channels to 128 lanes). Both kernels run on a grid
 (batch, L chunks), chunk axis sequential. The image's whole sequence h[b] (L, G x C) stays in
 VMEM across its chunks (cast once to float32 scratch). Per chunk, its positions' tables are
-copied into SMEM, where the scalar unit reads them: the first row read, its fraction and its
-weight for every (point, head), and the scale of every head. Each is the positions-last
-argument as it comes (padded to whole chunks: nothing per position is padded to 128 lanes),
-and a chunk's part is a window of block_l columns (a multiple of 128 lanes) that the kernel
-copies: XLA builds no per-chunk slabs. The kernels address one row of h per tap, over the
-128-lane window that holds the tap's head; a lane mask keeps the head's channels:
+copied into SMEM, where the scalar unit reads them: the location and weight of every (point,
+head), and the scale of every head. Each is the positions-last argument as it comes (nothing
+per position is padded to 128 lanes), and a chunk's part is a window of block_l columns (a
+multiple of 128 lanes) that the kernel copies: XLA builds no tables and no per-chunk slabs,
+except one for a ragged last chunk (its columns padded to block_l). The scalar
+unit takes each location's two rows and fraction from it (`read.taps`' arithmetic). The
+kernels address one row of h per tap, over the 128-lane window that holds the tap's head; a
+lane mask keeps the head's channels:
 
 * forward: out_t = scale_tg (h_t + gamma read_t) over head g's lanes, read_t = sum_k (1 - f)
   w h[p0] + f w h[p1];
-* backward: with e = d out * gamma, for every tap the dot <h[p], e> over its head (written
-  out, one row of lanes per position: d pos, d weight and the read's part of d scale are
-  element-wise in them, in XLA) and dh[p] += scale w e into a float32 accumulator of the whole
+* backward: with e = d out * gamma, for every tap the dot <h[p], e> over its head (one row of
+  lanes per position, the chunk's rows transposed in VMEM and written out positions last:
+  d pos, d weight and the read's part of d scale are element-wise in them, in XLA) and dh[p] += scale w e into a float32 accumulator of the whole
   image that stays in VMEM over the chunks and is written once, after the last one; the
   residual path dh_t += scale d out_t, the dot <h_t, d out_t> per head for d scale, and
   d gamma += scale d out_t read_t (read again from the rows already loaded) accumulated over
   the image's chunks.
 Residuals are the inputs only (h, pos, weight, gamma, scale). Positions past L in a ragged last
-chunk have zero tap weights and a masked cotangent.
+chunk read row 0 with weight 0 (its tables come padded) and have a masked cotangent.
 """
 import dataclasses
 import functools
@@ -46,7 +48,7 @@ VMEM_LIMIT_BYTES = 96 * 2**20  # above Mosaic's 16 MiB default when the whole im
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
   """block_l: positions per grid step, a multiple of 128 (a chunk's table columns start at a
-  whole lane tile) unless it covers L; their tables sit in SMEM: 3 x block_l x G x K words,
+  whole lane tile) unless it covers L; their tables sit in SMEM: 2 x block_l x G x K words,
   and block_l x G for the scale. A VSS block with both adaptors, v5e, batch 32, fwd + bwd, GB
   per image at widths 96 / 192 / 384, when the tables were per-chunk slabs built by XLA:
   0.653 / 0.271 / 0.112 with 32, 0.620 / 0.248 / 0.103 with 128, 0.638 / 0.251 at the first
@@ -71,8 +73,20 @@ class _Config:
     return pl.cdiv(self.length, self.block_l)
 
   @property
+  def ragged(self):  # a last chunk of fewer than block_l positions
+    return self.length % self.block_l != 0
+
+  @property
+  def n_tables(self):  # location, weight, and the scale when there is one
+    return 2 + self.scale
+
+  @property
   def width(self):  # G x C lanes
     return self.heads * self.channels
+
+  @property
+  def dots_tile(self):  # the backward's dots of a chunk, one row per position, in whole tiles
+    return pl.cdiv(self.block_l, 128) * 128, pl.cdiv(self.dot_lanes, 128) * 128
 
   @property
   def dot_lanes(self):  # per position: e0 and e1 of every (point, head), then <h, d out> per head
@@ -108,7 +122,7 @@ def _read_bwd(cfg, res, d_out):
   batch, K, G, L = pos.shape
   tables = _tables(cfg, pos, weight, scale)
   dh, dots, d_gamma = _backward(cfg, tables, _lanes(h), _lanes(d_out), _gamma_row(cfg, gamma))
-  dots = jnp.moveaxis(dots[:, :L], 1, -1)  # positions last: (batch, lanes, L)
+  dots = dots[:, :, :L]  # (batch, dot lanes, L)
   e0 = dots[:, :G * K].reshape(batch, K, G, L)
   e1 = dots[:, G * K:2 * G * K].reshape(batch, K, G, L)
   f = taps(pos, L)[2]
@@ -138,17 +152,19 @@ def _gamma_row(cfg, gamma):
 
 
 def _tables(cfg, pos, weight, scale):
-  """The SMEM tables, positions last as the arguments come, padded to whole chunks: the first
-  row read (int32), its fraction and the weight of every (point, head), (batch, K G,
-  n_chunks x block_l); and the scale of every head, (batch, G, ...). Padded positions read row
-  0 with weight 0. A kernel copies its chunk's columns of each (rows of block_l words) to SMEM."""
+  """The SMEM tables, the arguments as they come, positions last: the location and the weight
+  of every (point, head), (batch, K G, L) (a view of (batch, K, G, L)); and the scale of every
+  head, (batch, G, L). A kernel copies its chunk's columns of each to SMEM. When L is not a
+  multiple of block_l, then the tails too: each table's last chunk, padded to block_l columns
+  (location 0, weight 0) (Mosaic copies no part of a row of 128-lane tiles to SMEM)."""
   batch, K, G, L = pos.shape
-  p0, _, f = taps(pos, L)
-  pad = lambda x: jnp.pad(x.reshape(batch, -1, L),
-                          [(0, 0), (0, 0), (0, cfg.n_chunks * cfg.block_l - L)])
-  out = [pad(p0), pad(f), pad(weight)]
+  out = [pos.reshape(batch, K * G, L), weight.reshape(batch, K * G, L)]
   if scale is not None:
-    out.append(pad(scale.astype(F32)))
+    out.append(scale.astype(F32))
+  if cfg.ragged:
+    start = (cfg.n_chunks - 1) * cfg.block_l
+    out += [jnp.pad(t[:, :, start:], [(0, 0), (0, 0), (0, cfg.n_chunks * cfg.block_l - L)])
+            for t in out]
   return out
 
 
@@ -159,11 +175,11 @@ def _vmem_bytes(cfg, itemsize, backward):
   image_in = pad(cfg.length, cfg.width, itemsize)
   chunk_in = pad(cfg.block_l, cfg.width, itemsize)
   row = pad(1, cfg.width)
-  dots = pad(cfg.block_l, cfg.dot_lanes)
+  dots = pad(cfg.dot_lanes, cfg.block_l)
   if backward:  # h and dh blocks, the d out chunk, the dots block, gamma and d gamma rows;
     # f32 copy, dh, d out, dots and d gamma scratch
     return (2 * (2 * image_in + chunk_in + dots + 2 * row) + image * (1 + cfg.cast) + chunk
-            + dots + row)
+            + pad(*cfg.dots_tile) + row)
   return 2 * (image_in + chunk_in + row) + image * cfg.cast + chunk
 
 
@@ -174,8 +190,8 @@ def _call(cfg, kernel, name, out_shape, in_specs, out_specs, scratch, tables, ar
     raise ValueError(f"memory_read pallas_tpu: an image of L={cfg.length} x G*C={cfg.width} "
                      f"needs {need / 2**20:.0f} MiB of VMEM (limit "
                      f"{VMEM_LIMIT_BYTES / 2**20:.0f} MiB); use backend='xla'")
-  smem = [pltpu.SMEM((t.shape[1], cfg.block_l), t.dtype) for t in tables]
-  scratch = scratch + smem + [pltpu.SemaphoreType.DMA((len(tables),))]
+  smem = [pltpu.SMEM((t.shape[1], cfg.block_l), t.dtype) for t in tables[:cfg.n_tables]]
+  scratch = scratch + smem + [pltpu.SemaphoreType.DMA((cfg.n_tables,))]
   present = [a for a in args if a is not None]
   specs = [s for a, s in zip(args, in_specs) if a is not None]
   return pl.pallas_call(
@@ -195,17 +211,30 @@ def _specs(cfg):
   return image, chunk, row
 
 
-def _load_tables(cfg, hbm_refs, smem_refs, sem):
-  """The chunk's columns of the tables, HBM -> SMEM."""
+def _load_tables(cfg, hbm_refs, smem, sem):
+  """The chunk's columns of the tables, HBM -> SMEM; a ragged last chunk's from the tails."""
   b, c = pl.program_id(0), pl.program_id(1)
-  cols = (slice(None) if cfg.n_chunks == 1 else  # else block_l is a multiple of 128
-          pl.ds(pl.multiple_of(c * cfg.block_l, cfg.block_l), cfg.block_l))
-  copies = [pltpu.make_async_copy(src.at[b, :, cols], dst, sem.at[i])
-            for i, (src, dst) in enumerate(zip(hbm_refs, smem_refs))]
-  for cp in copies:
-    cp.start()
-  for cp in copies:
-    cp.wait()
+  hbm_refs, tails = hbm_refs[:cfg.n_tables], hbm_refs[cfg.n_tables:]
+
+  def copy(srcs, dsts):
+    copies = [pltpu.make_async_copy(src, dst, sem.at[i])
+              for i, (src, dst) in enumerate(zip(srcs, dsts))]
+    for cp in copies:
+      cp.start()
+    for cp in copies:
+      cp.wait()
+
+  if cfg.n_chunks == 1:
+    copy([src.at[b] for src in hbm_refs], smem)
+    return
+  bl = cfg.block_l  # a multiple of 128
+  whole = lambda: copy([src.at[b, :, pl.ds(pl.multiple_of(c * bl, bl), bl)] for src in hbm_refs],
+                       smem)
+  if not cfg.ragged:
+    whole()
+    return
+  pl.when(c < cfg.n_chunks - 1)(whole)
+  pl.when(c == cfg.n_chunks - 1)(lambda: copy([t.at[b] for t in tails], smem))
 
 
 def _image_f32(cfg, h_ref, hf_s):
@@ -221,14 +250,19 @@ def _image_f32(cfg, h_ref, hf_s):
 
 
 def _tap(cfg, tables_s, t, g, k):
-  """Tap (g, k) of the chunk's position t: its two rows, their weights (scale not included)."""
+  """Tap (g, k) of the chunk's position t: its two rows, their weights (scale not included);
+  the rows and the fraction as `read.taps` gives them."""
   e = k * cfg.heads + g
-  i0, fk, wk = (table_s[e, t] for table_s in tables_s[:3])
+  p, wk = tables_s[0][e, t], tables_s[1][e, t]
+  floor = p.astype(jnp.int32)  # truncates: one less where that rounded a negative p up
+  floor = jnp.where(floor.astype(F32) > p, floor - 1, floor)
+  fk = p - floor.astype(F32)
+  i0 = jnp.clip(floor, 0, cfg.length - 1)
   return i0, jnp.minimum(i0 + 1, cfg.length - 1), wk * (1.0 - fk), wk * fk
 
 
 def _scale(cfg, tables_s, t, g):
-  return tables_s[3][g, t] if cfg.scale else None
+  return tables_s[2][g, t] if cfg.scale else None
 
 
 def _head_windows(cfg):
@@ -249,7 +283,7 @@ def _head_windows(cfg):
 
 def _split(cfg, refs, n_in):
   """The kernel's refs: tables (HBM), inputs (gamma only when there is one), the rest."""
-  n_tables = 3 + cfg.scale
+  n_tables = cfg.n_tables * (1 + cfg.ragged)
   tables, rest = refs[:n_tables], refs[n_tables:]
   inputs, rest = list(rest[:n_in - (not cfg.gamma)]), rest[n_in - (not cfg.gamma):]
   if not cfg.gamma:
@@ -305,14 +339,14 @@ def _backward(cfg, tables, h_BLW, dout_BLW, gamma_row):
   image, chunk, row = _specs(cfg)
   batch = h_BLW.shape[0]
   rows = cfg.n_chunks * cfg.block_l
-  dots = pl.BlockSpec((None, cfg.block_l, cfg.dot_lanes), lambda b, c: (b, c, 0))
+  dots = pl.BlockSpec((None, cfg.dot_lanes, cfg.block_l), lambda b, c: (b, 0, c))
   d_gamma = pl.BlockSpec((None, 1, cfg.width), lambda b, c: (b, 0, 0))
   out_shape = [jax.ShapeDtypeStruct(h_BLW.shape, h_BLW.dtype),
-               jax.ShapeDtypeStruct((batch, rows, cfg.dot_lanes), F32),
+               jax.ShapeDtypeStruct((batch, cfg.dot_lanes, rows), F32),
                jax.ShapeDtypeStruct((batch, 1, cfg.width), F32)]
   scratch = ([pltpu.VMEM((cfg.length, cfg.width), F32)] if cfg.cast else []) + [
       pltpu.VMEM((cfg.length, cfg.width), F32), pltpu.VMEM((cfg.block_l, cfg.width), F32),
-      pltpu.VMEM((cfg.block_l, cfg.dot_lanes), F32), pltpu.VMEM((1, cfg.width), F32)]
+      pltpu.VMEM(cfg.dots_tile, F32), pltpu.VMEM((1, cfg.width), F32)]
   dh, dots, d_gamma = _call(cfg, _bwd_kernel, "memory_read_bwd", out_shape,
                             [image, chunk, row], [image, dots, d_gamma], scratch, tables,
                             [h_BLW, dout_BLW, gamma_row], backward=True)
@@ -340,14 +374,14 @@ def _bwd_kernel(cfg, *refs):
   first = c * cfg.block_l
   lim = cfg.length - first  # rows t >= lim lie past L (a ragged last chunk)
   G, K = cfg.heads, cfg.points
-  lane = jax.lax.broadcasted_iota(jnp.int32, (1, cfg.dot_lanes), 1)
+  lane = jax.lax.broadcasted_iota(jnp.int32, (1, cfg.dots_tile[1]), 1)
 
   def position(t, carry):
     own = jnp.minimum(first + t, cfg.length - 1)
     d = dout_s[pl.ds(t, 1), :]
     d = jnp.where(jnp.full(d.shape, t, jnp.int32) < lim, d, 0.0)
     e_row = d * gamma_ref[...] if cfg.gamma else d  # d read = scale * e
-    dots = jnp.zeros((1, cfg.dot_lanes), F32)
+    dots = jnp.zeros((1, cfg.dots_tile[1]), F32)
     for g, (start, stop, mask) in enumerate(windows):
       e = jnp.where(mask, e_row[:, start:stop], 0.0)
       sc = _scale(cfg, tables_s, t, g)
@@ -374,7 +408,7 @@ def _bwd_kernel(cfg, *refs):
     return carry
 
   jax.lax.fori_loop(0, cfg.block_l, position, 0)
-  dots_ref[...] = dots_s[...]
+  dots_ref[...] = dots_s[...].T[:cfg.dot_lanes, :cfg.block_l]  # positions last, for XLA
 
   @pl.when(c == cfg.n_chunks - 1)
   def _():
