@@ -13,20 +13,20 @@ copied into SMEM, where the scalar unit reads them: the location and weight of e
 head), and the scale of every head. Each is the positions-last argument as it comes (nothing
 per position is padded to 128 lanes), and a chunk's part is a window of block_l columns (a
 multiple of 128 lanes) that the kernel copies: XLA builds no tables and no per-chunk slabs,
-except one for a ragged last chunk (its columns padded to block_l). The scalar
-unit takes each location's two rows and fraction from it (`read.taps`' arithmetic). The
-kernels address one row of h per tap, over the 128-lane window that holds the tap's head; a
-lane mask keeps the head's channels:
+except one for a ragged last chunk (its columns padded to block_l). The scalar unit takes each
+location's two rows and fraction from it (`read.taps`' arithmetic). The kernels address one
+row of h per tap, over the 128-lane window that holds the tap's head; a lane mask keeps the
+head's channels:
 
 * forward: out_t = scale_tg (h_t + gamma read_t) over head g's lanes, read_t = sum_k (1 - f)
   w h[p0] + f w h[p1];
 * backward: with e = d out * gamma, for every tap the dot <h[p], e> over its head (one row of
-  lanes per position, the chunk's rows transposed in VMEM and written out positions last:
-  d pos, d weight and the read's part of d scale are element-wise in them, in XLA) and dh[p] += scale w e into a float32 accumulator of the whole
-  image that stays in VMEM over the chunks and is written once, after the last one; the
-  residual path dh_t += scale d out_t, the dot <h_t, d out_t> per head for d scale, and
-  d gamma += scale d out_t read_t (read again from the rows already loaded) accumulated over
-  the image's chunks.
+  lanes per position; the chunk's rows are transposed in VMEM and written out positions last:
+  d pos, d weight and the read's part of d scale are element-wise in them, in XLA) and
+  dh[p] += scale w e into a float32 accumulator of the whole image that stays in VMEM over the
+  chunks and is written once, after the last one; the residual path dh_t += scale d out_t, the
+  dot <h_t, d out_t> per head for d scale, and d gamma += scale d out_t read_t (read again from
+  the rows already loaded) accumulated over the image's chunks.
 Residuals are the inputs only (h, pos, weight, gamma, scale). Positions past L in a ragged last
 chunk read row 0 with weight 0 (its tables come padded) and have a masked cotangent.
 """
