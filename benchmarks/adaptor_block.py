@@ -5,7 +5,9 @@ deviceless for one TPU chip, with and without each adaptor.
       [--ssm_ratio=2.0] [--tpu_chip=v5e] [--batch=32] [--dtype=bfloat16] [--out=PATH] [--redo]
 
 A variant names the adaptors the block carries: none, t (Adaptor-T), s (Adaptor-S), ts (both,
-as in b2). A width w runs at the feature map of a 224x224 image at that stage (56 x 96 / w
+as in b2); after a "/", parts of Adaptor-T replaced by nothing, to take its bytes apart:
+"t/read" (the read op returns h + 0 x a sum of its other inputs: nothing but its output),
+"t/read+phi" (and phi's product has a zero backward). A width w runs at the feature map of a 224x224 image at that stage (56 x 96 / w
 pixels a side: 56x56 at 96, 28x28 at 192, 14x14 at 384), with b2's block settings (d_state 1,
 MLP ratio 4, --ssm_ratio; the booster's VMamba-T blocks have ssm_ratio 1). The program is
 jit(grad(sum(block(x)^2))) over the block's params and x. Per row: bytes accessed, FLOPs and
@@ -16,15 +18,19 @@ the adaptor's bytes are. Writes benchmarks/results/adaptor-block.json (rows merg
 import os
 import time
 
+import contextlib
+
 import jax
 import jax.numpy as jnp
 from absl import app, flags
 from flax import nnx
 
 import results_file
+from adaptor_jax.models import adaptor
 from adaptor_jax.models.adaptor import AdaptorConfig, AdaptorS, AdaptorT
 from adaptor_jax.models.vmamba import VSSBlock
 from adaptor_jax.training import aot, config as config_lib
+from kernels import read
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("widths", ["96", "192", "384"], "block widths (b2's stages 1-3)")
@@ -36,6 +42,51 @@ flags.DEFINE_enum("dtype", "bfloat16", config_lib.DTYPES, "compute dtype")
 flags.DEFINE_string("out", os.path.join(results_file.RESULTS, "adaptor-block.json"),
                     "results file (rows merged in)")
 flags.DEFINE_bool("redo", False, "measure rows the results file already has")
+
+
+def _known(variant):
+  adaptors, _, parts = variant.partition("/")
+  return adaptors in ("none", "t", "s", "ts") and set(parts.split("+") if parts else []) <= {
+      "read", "phi"}
+
+
+flags.register_validator("variants", lambda vs: all(map(_known, vs)),
+                         "each variant is none, t, s or ts, then optionally /read, /phi or "
+                         "/read+phi (parts of Adaptor-T replaced by nothing)")
+
+
+def _no_read(h, pos, weight, gamma=None, scale=None):
+  others = [x for x in (pos, weight, gamma, scale) if x is not None]
+  return h + (0.0 * sum(jnp.sum(x) for x in others)).astype(h.dtype)
+
+
+_route_linear = adaptor.route_linear
+
+
+@jax.custom_vjp
+def _phi_no_backward(x_BLE, w_RDC):
+  return _route_linear(x_BLE, w_RDC)
+
+
+_phi_no_backward.defvjp(lambda x, w: (_phi_no_backward(x, w), (x, w)),
+                        lambda res, g: tuple(jnp.zeros_like(a) for a in res))
+
+
+@contextlib.contextmanager
+def replaced(parts):
+  """The parts of Adaptor-T named in `parts` ("read", "phi") replaced by nothing."""
+  saved = dict(read.BACKENDS)
+  try:
+    if "read" in parts:
+      read.BACKENDS.update(pallas_tpu=_no_read, xla=_no_read)
+    if "phi" in parts:
+      adaptor.route_linear = _phi_no_backward
+    jax.clear_caches()  # jitted ops (common.memory_read) were traced with the parts in place
+    yield
+  finally:
+    read.BACKENDS.update(saved)
+    adaptor.route_linear = _route_linear
+    jax.clear_caches()
 
 
 def make_block(width, variant, dtype):
@@ -51,7 +102,8 @@ def make_block(width, variant, dtype):
 
 def measure(width, variant, device):
   dtype = jnp.dtype(FLAGS.dtype)
-  graph, params, rest = nnx.split(make_block(width, variant, dtype), nnx.Param, ...)
+  adaptors, _, parts = variant.partition("/")
+  graph, params, rest = nnx.split(make_block(width, adaptors, dtype), nnx.Param, ...)
 
   def loss(params, x):
     return jnp.sum(nnx.merge(graph, params, rest)(x).astype(jnp.float32) ** 2)
@@ -61,8 +113,9 @@ def measure(width, variant, device):
   side = 56 * 96 // width
   x = jax.ShapeDtypeStruct((FLAGS.batch, side, side, width), dtype, sharding=on_chip)
   start = time.perf_counter()
-  compiled = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(
-      jax.tree.map(spec, params), x).compile()
+  with replaced(parts.split("+") if parts else []):
+    compiled = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(
+        jax.tree.map(spec, params), x).compile()
   mem, cost, b = aot.memory(compiled), aot.cost(compiled), FLAGS.batch
   return dict(width=width, side=side, variant=variant, chip=FLAGS.tpu_chip, batch=b,
               dtype=FLAGS.dtype, ssm_ratio=FLAGS.ssm_ratio,
@@ -84,7 +137,7 @@ def main(argv):
         results_file.save(FLAGS.out, results, jax=jax.__version__)
       row, base = rows[key(width, variant)], rows.get(key(width, "none"))
       vs = f"{row['gbytes_per_image'] / base['gbytes_per_image']:5.2f}x" if base else ""
-      print(f"width {width:4d} {variant:5s} GB/img {row['gbytes_per_image']:.4f}  GFLOPs/img "
+      print(f"width {width:4d} {variant:10s} GB/img {row['gbytes_per_image']:.4f}  GFLOPs/img "
             f"{row['gflops_per_image']:.3f}  temporaries MB/img "
             f"{row['temporaries_mb_per_image']:.1f}  {vs}", flush=True)
   print("results in", FLAGS.out)
