@@ -18,19 +18,16 @@ the adaptor's bytes are. Writes benchmarks/results/adaptor-block.json (rows merg
 import os
 import time
 
-import contextlib
-
 import jax
 import jax.numpy as jnp
 from absl import app, flags
 from flax import nnx
 
 import results_file
-from adaptor_jax.models import adaptor
+from adaptor_parts import PARTS, replaced
 from adaptor_jax.models.adaptor import AdaptorConfig, AdaptorS, AdaptorT
 from adaptor_jax.models.vmamba import VSSBlock
 from adaptor_jax.training import aot, config as config_lib
-from kernels import read
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("widths", ["96", "192", "384"], "block widths (b2's stages 1-3)")
@@ -46,47 +43,13 @@ flags.DEFINE_bool("redo", False, "measure rows the results file already has")
 
 def _known(variant):
   adaptors, _, parts = variant.partition("/")
-  return adaptors in ("none", "t", "s", "ts") and set(parts.split("+") if parts else []) <= {
-      "read", "phi"}
+  parts = set(parts.split("+") if parts else [])
+  return adaptors in ("none", "t", "s", "ts") and parts <= set(PARTS)
 
 
 flags.register_validator("variants", lambda vs: all(map(_known, vs)),
                          "each variant is none, t, s or ts, then optionally /read, /phi or "
                          "/read+phi (parts of Adaptor-T replaced by nothing)")
-
-
-def _no_read(h, pos, weight, gamma=None, scale=None):
-  others = [x for x in (pos, weight, gamma, scale) if x is not None]
-  return h + (0.0 * sum(jnp.sum(x) for x in others)).astype(h.dtype)
-
-
-_route_linear = adaptor.route_linear
-
-
-@jax.custom_vjp
-def _phi_no_backward(x_BLE, w_RDC):
-  return _route_linear(x_BLE, w_RDC)
-
-
-_phi_no_backward.defvjp(lambda x, w: (_phi_no_backward(x, w), (x, w)),
-                        lambda res, g: tuple(jnp.zeros_like(a) for a in res))
-
-
-@contextlib.contextmanager
-def replaced(parts):
-  """The parts of Adaptor-T named in `parts` ("read", "phi") replaced by nothing."""
-  saved = dict(read.BACKENDS)
-  try:
-    if "read" in parts:
-      read.BACKENDS.update(pallas_tpu=_no_read, xla=_no_read)
-    if "phi" in parts:
-      adaptor.route_linear = _phi_no_backward
-    jax.clear_caches()  # jitted ops (common.memory_read) were traced with the parts in place
-    yield
-  finally:
-    read.BACKENDS.update(saved)
-    adaptor.route_linear = _route_linear
-    jax.clear_caches()
 
 
 def make_block(width, variant, dtype):

@@ -5,7 +5,9 @@
       [--tpu_chip=v5e] [--tpu_batch=32] [--tpu_dtype=bfloat16] [--out=PATH]
 
 A pair is BASE:ADAPTED; a name with "+none" is that preset with config.form = "none" (b2's
-dims and depths without its adaptors: "mamba_adaptor_b2+none"). The step is the real one
+dims and depths without its adaptors: "mamba_adaptor_b2+none"), and one with "/read" or
+"/read+phi" has those parts of Adaptor-T replaced by nothing (adaptor_parts.py: the bound on
+what a faster read or phi backward could save, "vmamba_tiny:adaptor_vmamba_tiny/read"). The step is the real one
 (steps.make_train_step through the training code: the configs/ recipe's AdamW, clipping, EMA,
 on-device augmentation), 224x224, 1000 classes, synthetic uint8 images.
   cpu  on this host's first CPU device: the compiled memory analysis (temporaries per image) and
@@ -24,11 +26,16 @@ import ml_collections
 from absl import app, flags
 
 import results_file
+from adaptor_parts import PARTS, replaced
 from adaptor_jax.training import aot, config as config_lib, optimizer, sharding, steps
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("pairs", ["vmamba_tiny:adaptor_vmamba_tiny",
                             "mamba_adaptor_b2+none:mamba_adaptor_b2"], "BASE:ADAPTED presets")
+flags.register_validator(
+    "pairs", lambda pairs: all(len(p.split(":")) == 2 and set(parts(n)) <= set(PARTS)
+                               for p in pairs for n in p.split(":")),
+    "each pair is BASE:ADAPTED, a name's parts after '/' among " + "+".join(PARTS))
 flags.DEFINE_list("platforms", ["cpu", "tpu"], "cpu (compiled and timed here), tpu (deviceless)")
 flags.DEFINE_integer("cpu_batch", 2, "batch of the CPU step")
 flags.DEFINE_enum("cpu_dtype", "float32", config_lib.DTYPES, "compute dtype of the CPU step")
@@ -44,13 +51,18 @@ NUM_CLASSES = 1000
 
 
 def make_config(name, dtype):
-  model, _, form = name.partition("+")
+  model, _, form = name.partition("/")[0].partition("+")
   c = config_lib.default_config()
   c.model, c.dtype, c.num_classes = model, dtype, NUM_CLASSES
   if form:
     c.form = form
   c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=1))
   return c
+
+
+def parts(name):
+  """The parts of Adaptor-T that `name` replaces by nothing (after a "/")."""
+  return [p for p in name.partition("/")[2].split("+") if p]
 
 
 def compile_cpu(name):
@@ -70,7 +82,8 @@ def compile_cpu(name):
                                               jnp.int32).astype(jnp.uint8), sh),
       label=jax.device_put(jnp.arange(config.batch_size, dtype=jnp.int32) % NUM_CLASSES, sh))
   start = time.perf_counter()
-  compiled = step.lower(state, batch).compile()
+  with replaced(parts(name)):
+    compiled = step.lower(state, batch).compile()
   row = dict(batch=config.batch_size, dtype=config.dtype,
              compile_s=round(time.perf_counter() - start, 1),
              temporaries_mb_per_image=aot.memory(compiled)["temporaries"] / config.batch_size / 1e6)
@@ -96,7 +109,8 @@ def measure_tpu(name):
   config = make_config(name, FLAGS.tpu_dtype)
   devices = aot.topology_devices(FLAGS.tpu_chip, aot.CHIPS[FLAGS.tpu_chip].slice_shape(1))
   start = time.perf_counter()
-  compiled, _ = aot.compile_train_step(config, devices, FLAGS.tpu_batch)
+  with replaced(parts(name)):
+    compiled, _ = aot.compile_train_step(config, devices, FLAGS.tpu_batch)
   mem, cost = aot.memory(compiled), aot.cost(compiled)
   b = FLAGS.tpu_batch
   return dict(chip=FLAGS.tpu_chip, batch=b, dtype=config.dtype,
