@@ -51,26 +51,31 @@ def memory_read(h, pos, weight, gamma=None, scale=None, backend="auto"):
   scale * (h + gamma * read); see the module docstring. backend: "auto" ($ADAPTOR_READ_BACKEND
   overrides it), one of BACKENDS, or a function (h, pos, weight, gamma, scale) -> out (the tests
   pass interpret-mode kernels this way)."""
-  _check(h, pos, weight, gamma, scale)
-  pos, weight = pos.astype(F32), weight.astype(F32)
+  check(h, pos, weight, gamma, scale)
+  call = resolve(backend, BACKENDS, "memory_read")
+  return per_shard(call, (h, pos.astype(F32), weight.astype(F32), gamma, scale),
+                   batched=(True, True, True, False, True), name="memory_read")
+
+
+def resolve(backend, backends, op):
+  """The function that `backend` names among `backends` (pallas_tpu and xla by platform for
+  "auto", which $ADAPTOR_READ_BACKEND overrides), or `backend` itself when it is one."""
   if backend == "auto":
     backend = os.environ.get(ENV_VAR, "auto")
   if backend == "auto":
-    call = lambda *a: jax.lax.platform_dependent(*a, tpu=BACKENDS["pallas_tpu"],
-                                                 default=BACKENDS["xla"])
-  elif backend in BACKENDS or callable(backend):
-    call = BACKENDS.get(backend, backend)
-  else:
-    raise ValueError(f"memory_read: unknown backend {backend!r}; "
-                     f"choose 'auto' or one of {sorted(BACKENDS)}")
-  return per_shard(call, (h, pos, weight, gamma, scale), batched=(True, True, True, False, True),
-                   name="memory_read")
+    return lambda *a: jax.lax.platform_dependent(*a, tpu=backends["pallas_tpu"],
+                                                 default=backends["xla"])
+  if backend in backends or callable(backend):
+    return backends.get(backend, backend)
+  raise ValueError(f"{op}: unknown backend {backend!r}; choose 'auto' or one of "
+                   f"{sorted(backends)}")
 
 
-def _check(h, pos, weight, gamma, scale):
-  """Raises ValueError naming the argument whose shape or dtype breaks the contract."""
+def check(h, pos, weight, gamma, scale, op="memory_read"):
+  """Raises ValueError naming the argument whose shape or dtype breaks the contract (pos and
+  weight None: learned_read's call, which checks the rest)."""
   def fail(msg):
-    raise ValueError(f"memory_read: {msg}")
+    raise ValueError(f"{op}: {msg}")
 
   if h.ndim != 4:
     fail(f"h must be (batch, L, G, C), got shape {h.shape}")
@@ -78,9 +83,11 @@ def _check(h, pos, weight, gamma, scale):
   if length == 0:
     fail("h has length L = 0")
   for name, x in (("pos", pos), ("weight", weight)):
+    if x is None:
+      continue
     if x.ndim != 4 or x.shape[0] != batch or x.shape[2:] != (groups, length):
       fail(f"{name} must be (batch, K, G, L) = {(batch, 'K', groups, length)}, got {x.shape}")
-  if pos.shape != weight.shape:
+  if pos is not None and pos.shape != weight.shape:
     fail(f"pos and weight must have the same shape, got {pos.shape} and {weight.shape}")
   if gamma is not None and gamma.shape != h.shape[2:]:
     fail(f"gamma must be (G, C) = {h.shape[2:]}, got {gamma.shape}")

@@ -1,4 +1,5 @@
-"""Pallas TPU (Mosaic) kernels of `memory_read` (kernels/read.py), under one custom_vjp.
+"""Pallas TPU (Mosaic) kernels of `memory_read` (kernels/read.py) and of `learned_read`
+(kernels/learned.py), each under one custom_vjp.
 
 XLA:TPU makes a serial loop of the scatter-add in the read's backward and moves whole (8, 128)
 tiles for each gathered row of C channels: one Adaptor-T layer of b2 at batch 32 accessed
@@ -8,27 +9,33 @@ neither the read nor h' is written to HBM, in either direction.
 Layout: h as it comes, (batch, L, G x C) with the G heads side by side in the lanes (no
 transpose, and no padding of a head's C channels to 128 lanes). Both kernels run on a grid
 (batch, L chunks), chunk axis sequential. The image's whole sequence h[b] (L, G x C) stays in
-VMEM across its chunks (cast once to float32 scratch). Per chunk, its positions' tables are
-copied into SMEM, where the scalar unit reads them: the location and weight of every (point,
-head), and the scale of every head. Each is the positions-last argument as it comes (nothing
-per position is padded to 128 lanes), and a chunk's part is a window of block_l columns (a
-multiple of 128 lanes) that the kernel copies: XLA builds no tables and no per-chunk slabs,
-except one for a ragged last chunk (its columns padded to block_l). The scalar unit takes each
-location's two rows and fraction from it (`read.taps`' arithmetic). The kernels address one
-row of h per tap, over the 128-lane window that holds the tap's head; a lane mask keeps the
-head's channels:
+VMEM across its chunks (cast once to float32 scratch). Per chunk, its positions' tables sit in
+SMEM, where the scalar unit reads them: the location and weight of every (point, head), and the
+scale of every head. Each comes positions last, (rows, chunk), and is one of:
+* an argument as it comes (memory_read's pos and weight; the scale): the kernel copies its
+  chunk's window of block_l columns (a multiple of 128 lanes) to SMEM, so XLA builds no tables
+  and no per-chunk slabs, except one for a ragged last chunk (its columns padded to block_l);
+* made in VMEM (learned_read): phi's product of the chunk's rows of h, W (2 K G, G C) . h^T on
+  the MXU, then the sigmoid, clip and softmax, copied VMEM -> SMEM. phi's product never
+  reaches HBM, nor do the locations, nor (backward) their gradients.
+The scalar unit takes each location's two rows and fraction from its table (`read.taps`'
+arithmetic). The kernels address one row of h per tap, over the 128-lane window that holds the
+tap's head; a lane mask keeps the head's channels:
 
 * forward: out_t = scale_tg (h_t + gamma read_t) over head g's lanes, read_t = sum_k (1 - f)
   w h[p0] + f w h[p1];
-* backward: with e = d out * gamma, for every tap the dot <h[p], e> over its head (one row of
-  lanes per position; the chunk's rows are transposed in VMEM and written out positions last:
-  d pos, d weight and the read's part of d scale are element-wise in them, in XLA) and
-  dh[p] += scale w e into a float32 accumulator of the whole image that stays in VMEM over the
-  chunks and is written once, after the last one; the residual path dh_t += scale d out_t, the
-  dot <h_t, d out_t> per head for d scale, and d gamma += scale d out_t read_t (read again from
-  the rows already loaded) accumulated over the image's chunks.
-Residuals are the inputs only (h, pos, weight, gamma, scale). Positions past L in a ragged last
-chunk read row 0 with weight 0 (its tables come padded) and have a masked cotangent.
+* backward: with e = scale d out * gamma (d read), for every tap the dot <h[p], e> over its head
+  (one row of lanes per position; the chunk's rows are transposed in VMEM, positions last:
+  d pos, d weight are element-wise in them) and dh[p] += w e into a float32 accumulator of
+  the whole image that stays in VMEM over the chunks and is written once, after the last one;
+  the residual path dh_t += scale d out_t, d scale = <h'_t, d out_t> per head, and d gamma +=
+  scale d out_t read_t (read again from the rows already loaded) accumulated over the image's
+  chunks. memory_read writes the dots out for XLA; learned_read takes them on in VMEM: d pos
+  and d weight through the softmax, clip and sigmoid to d logits g (2 K G, chunk), then
+  dh[chunk] += g^T W and d W += g h[chunk], d b += sum g (two small MXU products per chunk).
+Residuals are the inputs only. Positions past L in a ragged last chunk read row 0 with weight 0
+(memory_read: its tables come padded; learned_read: its image is padded with zero rows) and
+have a masked cotangent.
 """
 import dataclasses
 import functools
@@ -42,6 +49,7 @@ from jax.experimental.pallas import tpu as pltpu
 from kernels.read import taps
 
 F32 = jnp.float32
+HIGHEST = jax.lax.Precision.HIGHEST
 VMEM_LIMIT_BYTES = 96 * 2**20  # above Mosaic's 16 MiB default when the whole image needs it
 
 
@@ -67,6 +75,16 @@ class _Config:
   gamma: bool  # out = h + gamma * read (else the read)
   scale: bool  # out *= scale
   interpret: Any
+  phi: bool = False  # learned_read: the locations and weights from phi's product of h
+  batch: int = 1
+
+  @property
+  def splits(self):  # the grid's parallel axis (a megacore chip's two cores): halves of the
+    return 2 if self.batch % 2 == 0 else 1  # batch, each summing its images' d gamma, d W
+
+  @property
+  def per_split(self):
+    return self.batch // self.splits
 
   @property
   def n_chunks(self):
@@ -77,39 +95,61 @@ class _Config:
     return self.length % self.block_l != 0
 
   @property
-  def n_tables(self):  # location, weight, and the scale when there is one
-    return 2 + self.scale
+  def n_tables(self):  # the tables that come from HBM: location and weight unless phi makes
+    return 2 * (not self.phi) + self.scale  # them, the scale when there is one
 
   @property
   def width(self):  # G x C lanes
     return self.heads * self.channels
 
   @property
-  def dots_tile(self):  # the backward's dots of a chunk, one row per position, in whole tiles
-    return pl.cdiv(self.block_l, 128) * 128, pl.cdiv(self.dot_lanes, 128) * 128
+  def chunk_lanes(self):  # a chunk's positions in whole lane tiles
+    return pl.cdiv(self.block_l, 128) * 128
 
   @property
-  def dot_lanes(self):  # per position: e0 and e1 of every (point, head), then <h, d out> per head
+  def rows(self):  # the image's rows in VMEM: whole chunks of chunk_lanes when phi reads them
+    return self.n_chunks * self.chunk_lanes if self.phi else self.length
+
+  @property
+  def copy(self):  # the image kept in float32 scratch: cast, or padded with zero rows
+    return self.cast or self.rows != self.length
+
+  @property
+  def logits(self):  # phi's outputs per position: (location or weight, point, head)
+    return 2 * self.points * self.heads
+
+  @property
+  def dots_tile(self):  # the backward's dots of a chunk, one row per position, in whole tiles
+    return self.chunk_lanes, pl.cdiv(self.dot_lanes, 128) * 128
+
+  @property
+  def dot_lanes(self):  # per position: e0 and e1 of every (point, head), then d scale per head
     return 2 * self.heads * self.points + self.heads
 
 
-def read(h, pos, weight, gamma=None, scale=None, *, interpret=False, block_l=None):
-  """memory_read on TPU: h (batch, L, G, C), pos and weight (batch, K, G, L) float32, gamma
-  (G, C) or None, scale (batch, G, L) or None."""
+def _config(h, points, gamma, scale, block_l, interpret, phi=False):
   batch, length, groups, C = h.shape
   bl = block_l or BlockSizes().block_l
   bl = length if bl >= length else bl
   if bl != length and bl % 128:  # a chunk's table columns start at a whole lane tile
     raise ValueError(f"block_l={bl} must be a multiple of 128 (or at least L={length})")
-  cfg = _Config(length, groups, C, pos.shape[1], bl, h.dtype != F32, gamma is not None,
-                scale is not None, interpret)
+  return _Config(length, groups, C, points, bl, h.dtype != F32, gamma is not None,
+                 scale is not None, interpret, phi, batch)
+
+
+# ---------------------------------------------------------------------------------------------
+# memory_read: the tables given.
+
+def read(h, pos, weight, gamma=None, scale=None, *, interpret=False, block_l=None):
+  """memory_read on TPU: h (batch, L, G, C), pos and weight (batch, K, G, L) float32, gamma
+  (G, C) or None, scale (batch, G, L) or None."""
+  cfg = _config(h, pos.shape[1], gamma, scale, block_l, interpret)
   return _read(cfg, h, pos, weight, gamma, scale)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _read(cfg, h, pos, weight, gamma, scale):
-  tables = _tables(cfg, pos, weight, scale)
-  out = _forward(cfg, tables, _lanes(h), _gamma_row(cfg, gamma))
+  out = _forward(cfg, _tables(cfg, pos, weight, scale), _lanes(h), _gamma_row(cfg, gamma))
   return out.reshape(h.shape)
 
 
@@ -120,26 +160,63 @@ def _read_fwd(cfg, h, pos, weight, gamma, scale):
 def _read_bwd(cfg, res, d_out):
   h, pos, weight, gamma, scale = res
   batch, K, G, L = pos.shape
-  tables = _tables(cfg, pos, weight, scale)
-  dh, dots, d_gamma = _backward(cfg, tables, _lanes(h), _lanes(d_out), _gamma_row(cfg, gamma))
-  dots = dots[:, :, :L]  # (batch, dot lanes, L)
+  out = _backward(cfg, _tables(cfg, pos, weight, scale), _lanes(h), _lanes(d_out),
+                  _gamma_row(cfg, gamma))
+  dots = out["dots"][:, :, :L]  # (batch, dot lanes, L), the scale in e0 and e1
   e0 = dots[:, :G * K].reshape(batch, K, G, L)
   e1 = dots[:, G * K:2 * G * K].reshape(batch, K, G, L)
   f = taps(pos, L)[2]
-  sc = 1.0 if scale is None else scale.astype(F32)[:, None]
-  lerp_dot = (1.0 - f) * e0 + f * e1  # <lerp of the rows, d out * gamma>
-  d_scale = None
-  if scale is not None:
-    d_scale = jnp.sum(weight * lerp_dot, axis=1)
-    if gamma is not None:
-      d_scale = d_scale + dots[:, 2 * G * K:]
-    d_scale = d_scale.astype(scale.dtype)
-  return (dh.reshape(h.shape), sc * weight * (e1 - e0), sc * lerp_dot,
-          None if gamma is None else d_gamma.sum(0).reshape(gamma.shape).astype(gamma.dtype),
-          d_scale)
+  return (out["dh"].reshape(h.shape), weight * (e1 - e0), (1.0 - f) * e0 + f * e1,
+          _d_gamma(out, gamma),
+          None if scale is None else dots[:, 2 * G * K:].astype(scale.dtype))
 
 
 _read.defvjp(_read_fwd, _read_bwd)
+
+
+# ---------------------------------------------------------------------------------------------
+# learned_read: phi's product of h gives the tables.
+
+def learned(h, w, b, reach, gamma=None, scale=None, *, interpret=False, block_l=None):
+  """learned_read on TPU: h (batch, L, G, C); w (2 K G, G C) float32, phi's product of a
+  position's row of h to its (location or weight, point, head) logits; b (2 K G,) float32;
+  reach (G,) float32; gamma (G, C) or None; scale (batch, G, L) or None."""
+  points = w.shape[0] // (2 * h.shape[2])
+  cfg = _config(h, points, gamma, scale, block_l, interpret, phi=True)
+  return _learned(cfg, h, w, b, reach, gamma, scale)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _learned(cfg, h, w, b, reach, gamma, scale):
+  out = _forward(cfg, _tables(cfg, None, None, scale), _lanes(h), _gamma_row(cfg, gamma),
+                 _phi_args(cfg, w, b, reach, h.dtype))
+  return out.reshape(h.shape)
+
+
+def _learned_fwd(cfg, h, w, b, reach, gamma, scale):
+  return _learned(cfg, h, w, b, reach, gamma, scale), (h, w, b, reach, gamma, scale)
+
+
+def _learned_bwd(cfg, res, d_out):
+  h, w, b, reach, gamma, scale = res
+  out = _backward(cfg, _tables(cfg, None, None, scale), _lanes(h), _lanes(d_out),
+                  _gamma_row(cfg, gamma), _phi_args(cfg, w, b, reach, h.dtype))
+  d_scale = None
+  if scale is not None:
+    d_scale = out["dots"][:, :, :cfg.length].astype(scale.dtype)
+  return (out["dh"].reshape(h.shape), out["dw"].sum(0).astype(w.dtype),
+          out["db"].sum((0, 2)).astype(b.dtype), jnp.zeros_like(reach), _d_gamma(out, gamma),
+          d_scale)
+
+
+_learned.defvjp(_learned_fwd, _learned_bwd)
+
+
+def _phi_args(cfg, w, b, reach, dtype):
+  """W (2KG, GC) in h's dtype (the MXU's operands, as XLA's product of h would have them), b as
+  a column (2KG, 1), each location row's reach as a column (KG, 1)."""
+  return (w.astype(dtype), b.astype(F32).reshape(cfg.logits, 1),
+          jnp.tile(reach.astype(F32), cfg.points).reshape(cfg.logits // 2, 1))
 
 
 def _lanes(x_BLGC):
@@ -151,19 +228,26 @@ def _gamma_row(cfg, gamma):
   return None if gamma is None else gamma.astype(F32).reshape(1, cfg.width)
 
 
+def _d_gamma(out, gamma):
+  return None if gamma is None else out["dgamma"].sum(0).reshape(gamma.shape).astype(gamma.dtype)
+
+
 def _tables(cfg, pos, weight, scale):
-  """The SMEM tables, the arguments as they come, positions last: the location and the weight
-  of every (point, head), (batch, K G, L) (a view of (batch, K, G, L)); and the scale of every
-  head, (batch, G, L). A kernel copies its chunk's columns of each to SMEM. When L is not a
-  multiple of block_l, then the tails too: each table's last chunk, padded to block_l columns
-  (location 0, weight 0) (Mosaic copies no part of a row of 128-lane tiles to SMEM)."""
-  batch, K, G, L = pos.shape
-  out = [pos.reshape(batch, K * G, L), weight.reshape(batch, K * G, L)]
+  """The HBM tables, the arguments as they come, positions last: the location and the weight
+  of every (point, head), (batch, K G, L) (a view of (batch, K, G, L)), unless phi makes them;
+  and the scale of every head, (batch, G, L). A kernel copies its chunk's columns of each to
+  SMEM. When L is not a multiple of block_l, then the tails too: each table's last chunk,
+  padded to block_l columns (location 0, weight 0) (Mosaic copies no part of a row of 128-lane
+  tiles to SMEM)."""
+  out = []
+  if pos is not None:
+    batch, K, G, L = pos.shape
+    out += [pos.reshape(batch, K * G, L), weight.reshape(batch, K * G, L)]
   if scale is not None:
     out.append(scale.astype(F32))
   if cfg.ragged:
     start = (cfg.n_chunks - 1) * cfg.block_l
-    out += [jnp.pad(t[:, :, start:], [(0, 0), (0, 0), (0, cfg.n_chunks * cfg.block_l - L)])
+    out += [jnp.pad(t[:, :, start:], [(0, 0), (0, 0), (0, cfg.n_chunks * cfg.block_l - cfg.length)])
             for t in out]
   return out
 
@@ -171,50 +255,79 @@ def _tables(cfg, pos, weight, scale):
 def _vmem_bytes(cfg, itemsize, backward):
   """Double-buffered blocks plus scratch, with Mosaic's (8, 128) padding."""
   pad = lambda rows, lanes, size=4: pl.cdiv(rows, 8) * 8 * pl.cdiv(lanes, 128) * 128 * size
-  image, chunk = pad(cfg.length, cfg.width), pad(cfg.block_l, cfg.width)
+  image, chunk = pad(cfg.rows, cfg.width), pad(cfg.chunk_lanes, cfg.width)
   image_in = pad(cfg.length, cfg.width, itemsize)
   chunk_in = pad(cfg.block_l, cfg.width, itemsize)
   row = pad(1, cfg.width)
-  dots = pad(cfg.dot_lanes, cfg.block_l)
+  phi = 0
+  if cfg.phi:  # W, b and reach blocks; the tables and phi's product of a chunk; in the
+    # backward also d W and d b (blocks and scratch), the reach factors and d logits
+    w, col, tables = pad(cfg.logits, cfg.width), pad(cfg.logits, 1), pad(cfg.logits,
+                                                                           cfg.chunk_lanes)
+    phi = 2 * (w + 2 * col) + 2 * tables + backward * (3 * (w + col) + 2 * tables + chunk)
   if backward:  # h and dh blocks, the d out chunk, the dots block, gamma and d gamma rows;
     # f32 copy, dh, d out, dots and d gamma scratch
-    return (2 * (2 * image_in + chunk_in + dots + 2 * row) + image * (1 + cfg.cast) + chunk
-            + pad(*cfg.dots_tile) + row)
-  return 2 * (image_in + chunk_in + row) + image * cfg.cast + chunk
+    dots = pad(cfg.dot_lanes, cfg.chunk_lanes)
+    return (2 * (2 * image_in + chunk_in + dots + 2 * row) + image * (1 + cfg.copy) + chunk
+            + pad(*cfg.dots_tile) + row + phi)
+  return 2 * (image_in + chunk_in + row) + image * cfg.copy + chunk + phi
 
 
 def _call(cfg, kernel, name, out_shape, in_specs, out_specs, scratch, tables, args, backward):
-  batch = args[0].shape[0]
   need = _vmem_bytes(cfg, args[0].dtype.itemsize, backward)
   if need > VMEM_LIMIT_BYTES:
-    raise ValueError(f"memory_read pallas_tpu: an image of L={cfg.length} x G*C={cfg.width} "
-                     f"needs {need / 2**20:.0f} MiB of VMEM (limit "
+    raise ValueError(f"{name.rsplit('_', 1)[0]} pallas_tpu: an image of L={cfg.length} x "
+                     f"G*C={cfg.width} needs {need / 2**20:.0f} MiB of VMEM (limit "
                      f"{VMEM_LIMIT_BYTES / 2**20:.0f} MiB); use backend='xla'")
-  smem = [pltpu.SMEM((t.shape[1], cfg.block_l), t.dtype) for t in tables[:cfg.n_tables]]
-  scratch = scratch + smem + [pltpu.SemaphoreType.DMA((cfg.n_tables,))]
+  locations = (cfg.logits // 2, cfg.chunk_lanes if cfg.phi else cfg.block_l)
+  smem = [pltpu.SMEM(locations, F32)] * 2 + [pltpu.SMEM((cfg.heads, cfg.block_l), F32)] * cfg.scale
+  scratch = scratch + smem + [pltpu.SemaphoreType.DMA((3,))]
   present = [a for a in args if a is not None]
   specs = [s for a, s in zip(args, in_specs) if a is not None]
   return pl.pallas_call(
-      functools.partial(kernel, cfg), out_shape=out_shape, grid=(batch, cfg.n_chunks),
+      functools.partial(kernel, cfg), out_shape=out_shape, grid=(cfg.splits, cfg.per_split, cfg.n_chunks),
       in_specs=[pl.BlockSpec(memory_space=pl.ANY)] * len(tables) + specs,
       out_specs=out_specs, scratch_shapes=scratch, interpret=cfg.interpret, name=name,
       compiler_params=pltpu.CompilerParams(
-          dimension_semantics=("parallel", "arbitrary"),
+          dimension_semantics=("parallel", "arbitrary", "arbitrary"),
           vmem_limit_bytes=max(need * 5 // 4, 16 * 2**20) if need > 12 * 2**20 else None),
   )(*tables, *present)
 
 
+def _name(cfg, direction):
+  return ("learned_read_" if cfg.phi else "memory_read_") + direction
+
+
+def _spec(cfg, block, index):
+  """A block of the grid (split, image of the split, chunk) given by index(image, chunk)."""
+  return pl.BlockSpec(block, lambda s, j, c: index(s * cfg.per_split + j, c))
+
+
+def _ids(cfg):
+  """The image and the chunk of this grid step."""
+  return pl.program_id(0) * cfg.per_split + pl.program_id(1), pl.program_id(2)
+
+
 def _specs(cfg):
-  image = pl.BlockSpec((None, cfg.length, cfg.width), lambda b, c: (b, 0, 0))
-  chunk = pl.BlockSpec((None, cfg.block_l, cfg.width), lambda b, c: (b, c, 0))
-  row = pl.BlockSpec((1, cfg.width), lambda b, c: (0, 0))
+  image = _spec(cfg, (None, cfg.length, cfg.width), lambda b, c: (b, 0, 0))
+  chunk = _spec(cfg, (None, cfg.block_l, cfg.width), lambda b, c: (b, c, 0))
+  row = _spec(cfg, (1, cfg.width), lambda b, c: (0, 0))
   return image, chunk, row
 
 
+def _phi_specs(cfg):
+  """W, b and reach: whole, the same block at every step."""
+  whole = lambda *shape: _spec(cfg, shape, lambda b, c: (0, 0))
+  return [whole(cfg.logits, cfg.width), whole(cfg.logits, 1), whole(cfg.logits // 2, 1)]
+
+
 def _load_tables(cfg, hbm_refs, smem, sem):
-  """The chunk's columns of the tables, HBM -> SMEM; a ragged last chunk's from the tails."""
-  b, c = pl.program_id(0), pl.program_id(1)
+  """The chunk's columns of the HBM tables -> SMEM; a ragged last chunk's from the tails."""
+  b, c = _ids(cfg)
   hbm_refs, tails = hbm_refs[:cfg.n_tables], hbm_refs[cfg.n_tables:]
+  smem = smem[2:] if cfg.phi else smem  # phi makes the locations and weights
+  if not hbm_refs:
+    return
 
   def copy(srcs, dsts):
     copies = [pltpu.make_async_copy(src, dst, sem.at[i])
@@ -238,15 +351,58 @@ def _load_tables(cfg, hbm_refs, smem, sem):
 
 
 def _image_f32(cfg, h_ref, hf_s):
-  """The image as float32 rows that a dynamic index can address (bf16 rows are packed)."""
-  if not cfg.cast:
+  """The image as float32 rows that a dynamic index can address (bf16 rows are packed), with
+  zero rows up to whole chunks when phi reads them."""
+  if not cfg.copy:
     return h_ref
 
-  @pl.when(pl.program_id(1) == 0)
+  @pl.when(_ids(cfg)[1] == 0)
   def _():
-    hf_s[...] = h_ref[...].astype(F32)
+    hf_s[pl.ds(0, cfg.length), :] = h_ref[...].astype(F32)
+    if cfg.rows > cfg.length:
+      hf_s[pl.ds(cfg.length, cfg.rows - cfg.length), :] = jnp.zeros(
+          (cfg.rows - cfg.length, cfg.width), F32)
 
   return hf_s
+
+
+def _chunk_start(cfg):
+  return 0 if cfg.n_chunks == 1 else pl.multiple_of(_ids(cfg)[1] * cfg.block_l, 128)
+
+
+def _phi_tables(cfg, hf, phi_refs, tab_v, smem, sem, fac_v=None):
+  """The chunk's locations and weights from phi's product of its rows of h: tab_v (2 K G,
+  chunk_lanes) in VMEM, its two halves copied to SMEM; fac_v (K G, chunk_lanes), when given,
+  d location / d logit (the reach times the sigmoid's derivative, 0 where the clip holds)."""
+  w_ref, b_ref, reach_ref = phi_refs
+  n, KG, G = cfg.chunk_lanes, cfg.logits // 2, cfg.heads
+  first = _chunk_start(cfg)
+  logits = _product(w_ref[...], hf[pl.ds(first, n), :], 1, 1, w_ref.dtype) + b_ref[...]
+  move = 1.0 / (1.0 + jnp.exp(-logits[:KG]))
+  x = (first + jax.lax.broadcasted_iota(jnp.int32, (1, n), 1)).astype(F32) + reach_ref[...] * move
+  tab_v[pl.ds(0, KG), :] = jnp.clip(x, 0.0, cfg.length - 1.0)
+  slabs = [logits[KG + k * G:KG + (k + 1) * G] for k in range(cfg.points)]  # softmax over k
+  top = functools.reduce(jnp.maximum, slabs)
+  ex = [jnp.exp(s - top) for s in slabs]
+  total = functools.reduce(jnp.add, ex)
+  tab_v[pl.ds(KG, KG), :] = jnp.concatenate([e / total for e in ex], axis=0)
+  if fac_v is not None:
+    inside = (x > 0.0) & (x < cfg.length - 1.0)
+    fac_v[...] = jnp.where(inside, reach_ref[...] * move * (1.0 - move), 0.0)
+  copies = [pltpu.make_async_copy(tab_v.at[pl.ds(j * KG, KG)], smem[j], sem.at[j])
+            for j in (0, 1)]
+  for cp in copies:
+    cp.start()
+  for cp in copies:
+    cp.wait()
+
+
+def _product(a, b, a_axis, b_axis, dtype):
+  """a . b over the given axes on the MXU, float32 results: operands in `dtype` (h's, as XLA's
+  product of h would have them), at full precision when that is float32."""
+  return jax.lax.dot_general(a.astype(dtype), b.astype(dtype), (((a_axis,), (b_axis,)), ((), ())),
+                             precision=HIGHEST if dtype == F32 else None,
+                             preferred_element_type=F32)
 
 
 def _tap(cfg, tables_s, t, g, k):
@@ -281,38 +437,41 @@ def _head_windows(cfg):
   return out
 
 
-def _split(cfg, refs, n_in):
-  """The kernel's refs: tables (HBM), inputs (gamma only when there is one), the rest."""
+def _split(cfg, refs, present):
+  """The kernel's refs: HBM tables, inputs (None where `present` says absent), the rest."""
   n_tables = cfg.n_tables * (1 + cfg.ragged)
-  tables, rest = refs[:n_tables], refs[n_tables:]
-  inputs, rest = list(rest[:n_in - (not cfg.gamma)]), rest[n_in - (not cfg.gamma):]
-  if not cfg.gamma:
-    inputs.append(None)
-  return tables, inputs, rest
+  tables, rest = refs[:n_tables], list(refs[n_tables:])
+  return tables, [rest.pop(0) if p else None for p in present], rest
 
 
 # ---------------------------------------------------------------------------------------------
 # Forward.
 
-def _forward(cfg, tables, h_BLW, gamma_row):
+def _forward(cfg, tables, h_BLW, gamma_row, phi=(None, None, None)):
   image, chunk, row = _specs(cfg)
-  scratch = ([pltpu.VMEM((cfg.length, cfg.width), F32)] if cfg.cast else []) + [
+  scratch = ([pltpu.VMEM((cfg.rows, cfg.width), F32)] if cfg.copy else []) + [
       pltpu.VMEM((cfg.block_l, cfg.width), F32)]
-  return _call(cfg, _fwd_kernel, "memory_read_fwd",
-               jax.ShapeDtypeStruct(h_BLW.shape, h_BLW.dtype), [image, row], chunk, scratch,
-               tables, [h_BLW, gamma_row], backward=False)
+  if cfg.phi:
+    scratch.append(pltpu.VMEM((cfg.logits, cfg.chunk_lanes), F32))
+  return _call(cfg, _fwd_kernel, _name(cfg, "fwd"),
+               jax.ShapeDtypeStruct(h_BLW.shape, h_BLW.dtype), [image, row] + _phi_specs(cfg),
+               chunk, scratch, tables, [h_BLW, gamma_row, *phi], backward=False)
 
 
 def _fwd_kernel(cfg, *refs):
-  tables_hbm, (h_ref, gamma_ref), rest = _split(cfg, refs, 2)
-  o_ref, rest = rest[0], rest[1:]
-  hf_s = rest[0] if cfg.cast else None
-  out_s, *rest = rest[cfg.cast:]
+  tables_hbm, (h_ref, gamma_ref, *phi_refs), rest = _split(
+      cfg, refs, (True, cfg.gamma) + (cfg.phi,) * 3)
+  o_ref, *rest = rest
+  hf_s = rest.pop(0) if cfg.copy else None
+  out_s = rest.pop(0)
+  tab_v = rest.pop(0) if cfg.phi else None
   tables_s, sem = rest[:-1], rest[-1]
-  _load_tables(cfg, tables_hbm, tables_s, sem)
   hf = _image_f32(cfg, h_ref, hf_s)
+  _load_tables(cfg, tables_hbm, tables_s, sem)
+  if cfg.phi:
+    _phi_tables(cfg, hf, phi_refs, tab_v, tables_s, sem)
   windows = _head_windows(cfg)
-  first = pl.program_id(1) * cfg.block_l
+  first = _ids(cfg)[1] * cfg.block_l
 
   def position(t, carry):
     own = jnp.minimum(first + t, cfg.length - 1)  # this position's row (clamped past L)
@@ -335,40 +494,64 @@ def _fwd_kernel(cfg, *refs):
 # ---------------------------------------------------------------------------------------------
 # Backward.
 
-def _backward(cfg, tables, h_BLW, dout_BLW, gamma_row):
+def _backward(cfg, tables, h_BLW, dout_BLW, gamma_row, phi=(None, None, None)):
+  """The kernel's outputs by name: dh; dots (memory_read: the chunk's dots, positions last;
+  learned_read: d scale, when there is a scale); dgamma per split of the batch; learned_read:
+  dw, db per split."""
   image, chunk, row = _specs(cfg)
-  batch = h_BLW.shape[0]
-  rows = cfg.n_chunks * cfg.block_l
-  dots = pl.BlockSpec((None, cfg.dot_lanes, cfg.block_l), lambda b, c: (b, 0, c))
-  d_gamma = pl.BlockSpec((None, 1, cfg.width), lambda b, c: (b, 0, 0))
-  out_shape = [jax.ShapeDtypeStruct(h_BLW.shape, h_BLW.dtype),
-               jax.ShapeDtypeStruct((batch, cfg.dot_lanes, rows), F32),
-               jax.ShapeDtypeStruct((batch, 1, cfg.width), F32)]
-  scratch = ([pltpu.VMEM((cfg.length, cfg.width), F32)] if cfg.cast else []) + [
-      pltpu.VMEM((cfg.length, cfg.width), F32), pltpu.VMEM((cfg.block_l, cfg.width), F32),
+  per_split = lambda *shape: (jax.ShapeDtypeStruct((cfg.splits, *shape), F32),
+                              pl.BlockSpec((None, *shape), lambda s, j, c: (s, 0, 0)))
+  per_chunk = lambda rows, n: (jax.ShapeDtypeStruct((cfg.batch, rows, cfg.n_chunks * n), F32),
+                               _spec(cfg, (None, rows, n), lambda b, c: (b, 0, c)))
+  outs = {"dh": (jax.ShapeDtypeStruct(h_BLW.shape, h_BLW.dtype), image)}
+  if not cfg.phi:
+    outs["dots"] = per_chunk(cfg.dot_lanes, cfg.block_l)
+  elif cfg.scale:
+    outs["dots"] = per_chunk(cfg.heads, cfg.chunk_lanes)
+  outs["dgamma"] = per_split(1, cfg.width)
+  scratch = ([pltpu.VMEM((cfg.rows, cfg.width), F32)] if cfg.copy else []) + [
+      pltpu.VMEM((cfg.rows, cfg.width), F32), pltpu.VMEM((cfg.block_l, cfg.width), F32),
       pltpu.VMEM(cfg.dots_tile, F32), pltpu.VMEM((1, cfg.width), F32)]
-  dh, dots, d_gamma = _call(cfg, _bwd_kernel, "memory_read_bwd", out_shape,
-                            [image, chunk, row], [image, dots, d_gamma], scratch, tables,
-                            [h_BLW, dout_BLW, gamma_row], backward=True)
-  return dh, dots, d_gamma
+  if cfg.phi:
+    outs["dw"], outs["db"] = per_split(cfg.logits, cfg.width), per_split(cfg.logits, 1)
+    scratch += [pltpu.VMEM((cfg.logits, cfg.chunk_lanes), F32),
+                pltpu.VMEM((cfg.logits // 2, cfg.chunk_lanes), F32),
+                pltpu.VMEM((cfg.logits, cfg.width), F32), pltpu.VMEM((cfg.logits, 1), F32)]
+  shapes, specs = zip(*outs.values())
+  got = _call(cfg, _bwd_kernel, _name(cfg, "bwd"), list(shapes),
+              [image, chunk, row] + _phi_specs(cfg), list(specs), scratch, tables,
+              [h_BLW, dout_BLW, gamma_row, *phi], backward=True)
+  return dict(zip(outs, got))
 
 
 def _bwd_kernel(cfg, *refs):
-  tables_hbm, (h_ref, dout_ref, gamma_ref), rest = _split(cfg, refs, 3)
-  dh_ref, dots_ref, dgamma_ref = rest[:3]
-  rest = rest[3:]
-  hf_s = rest[0] if cfg.cast else None
-  dh_s, dout_s, dots_s, dgamma_s, *rest = rest[cfg.cast:]
+  tables_hbm, (h_ref, dout_ref, gamma_ref, *phi_refs), rest = _split(
+      cfg, refs, (True, True, cfg.gamma) + (cfg.phi,) * 3)
+  dh_ref = rest.pop(0)
+  dots_ref = rest.pop(0) if not cfg.phi or cfg.scale else None
+  dgamma_ref = rest.pop(0)
+  dw_ref, db_ref = (rest.pop(0), rest.pop(0)) if cfg.phi else (None, None)
+  hf_s = rest.pop(0) if cfg.copy else None
+  dh_s, dout_s, dots_s, dgamma_s = rest[:4]
+  rest = rest[4:]
+  phi_s = rest[:4] if cfg.phi else None  # tables, reach factors, d W, d b
+  rest = rest[4 * cfg.phi:]
   tables_s, sem = rest[:-1], rest[-1]
-  c = pl.program_id(1)
-  _load_tables(cfg, tables_hbm, tables_s, sem)
+  j, c = pl.program_id(1), _ids(cfg)[1]
   hf = _image_f32(cfg, h_ref, hf_s)
+  _load_tables(cfg, tables_hbm, tables_s, sem)
+  if cfg.phi:
+    _phi_tables(cfg, hf, phi_refs, phi_s[0], tables_s, sem, fac_v=phi_s[1])
   windows = _head_windows(cfg)
 
   @pl.when(c == 0)
   def _():
     dh_s[...] = jnp.zeros_like(dh_s)
-    dgamma_s[...] = jnp.zeros_like(dgamma_s)
+
+  @pl.when((j == 0) & (c == 0))  # the split's sums
+  def _():
+    for acc in [dgamma_s] + (phi_s[2:] if cfg.phi else []):
+      acc[...] = jnp.zeros_like(acc)
 
   dout_s[...] = dout_ref[...].astype(F32)  # rows of a float32 chunk: a dynamic index reads them
   first = c * cfg.block_l
@@ -385,32 +568,67 @@ def _bwd_kernel(cfg, *refs):
     for g, (start, stop, mask) in enumerate(windows):
       e = jnp.where(mask, e_row[:, start:stop], 0.0)
       sc = _scale(cfg, tables_s, t, g)
+      d_read = e if sc is None else sc * e
       read = jnp.zeros((1, stop - start), F32)
       for k in range(K):
         i0, i1, w0, w1 = _tap(cfg, tables_s, t, g, k)
         r0, r1 = hf[pl.ds(i0, 1), start:stop], hf[pl.ds(i1, 1), start:stop]
-        dots = jnp.where(lane == k * G + g, jnp.sum(r0 * e, axis=1, keepdims=True), dots)
-        dots = jnp.where(lane == G * K + k * G + g, jnp.sum(r1 * e, axis=1, keepdims=True),
-                         dots)
-        s0, s1 = (w0, w1) if sc is None else (sc * w0, sc * w1)
-        dh_s[pl.ds(i0, 1), start:stop] += s0 * e
-        dh_s[pl.ds(i1, 1), start:stop] += s1 * e
-        if cfg.gamma:
+        dots = jnp.where(lane == k * G + g, jnp.sum(r0 * d_read, axis=1, keepdims=True), dots)
+        dots = jnp.where(lane == G * K + k * G + g,
+                         jnp.sum(r1 * d_read, axis=1, keepdims=True), dots)
+        dh_s[pl.ds(i0, 1), start:stop] += w0 * d_read
+        dh_s[pl.ds(i1, 1), start:stop] += w1 * d_read
+        if cfg.gamma or cfg.scale:
           read = read + w0 * r0 + w1 * r1
+      d_scale = jnp.sum(read * e, axis=1, keepdims=True)  # <h', d out> = <read, e> + <h, d out>
       if cfg.gamma:  # h' = h + gamma read: the residual path, d gamma, and <h, d out>
         d_g = jnp.where(mask, d[:, start:stop], 0.0)
         sd = d_g if sc is None else sc * d_g
         dh_s[pl.ds(own, 1), start:stop] += sd
         dgamma_s[:, start:stop] += sd * read
-        hd = jnp.sum(hf[pl.ds(own, 1), start:stop] * d_g, axis=1, keepdims=True)
-        dots = jnp.where(lane == 2 * G * K + g, hd, dots)
+        d_scale += jnp.sum(hf[pl.ds(own, 1), start:stop] * d_g, axis=1, keepdims=True)
+      if cfg.scale:
+        dots = jnp.where(lane == 2 * G * K + g, d_scale, dots)
     dots_s[pl.ds(t, 1), :] = dots
     return carry
 
   jax.lax.fori_loop(0, cfg.block_l, position, 0)
-  dots_ref[...] = dots_s[...].T[:cfg.dot_lanes, :cfg.block_l]  # positions last, for XLA
+  dots = dots_s[...].T  # positions last
+  if not cfg.phi:
+    dots_ref[...] = dots[:cfg.dot_lanes, :cfg.block_l]
+  else:
+    valid = jax.lax.broadcasted_iota(jnp.int32, (1, cfg.chunk_lanes), 1) < lim
+    if cfg.scale:
+      dots_ref[...] = jnp.where(valid, dots[2 * G * K:2 * G * K + G], 0.0)
+    _phi_backward(cfg, hf, phi_refs[0], phi_s, dh_s, jnp.where(valid, dots[:2 * G * K], 0.0))
 
   @pl.when(c == cfg.n_chunks - 1)
   def _():
-    dh_ref[...] = dh_s[...].astype(dh_ref.dtype)
+    dh_ref[...] = dh_s[pl.ds(0, cfg.length), :].astype(dh_ref.dtype)
+
+  @pl.when((j == cfg.per_split - 1) & (c == cfg.n_chunks - 1))
+  def _():
     dgamma_ref[...] = dgamma_s[...]
+    if cfg.phi:
+      dw_ref[...] = phi_s[2][...]
+      db_ref[...] = phi_s[3][...]
+
+
+def _phi_backward(cfg, hf, w_ref, phi_s, dh_s, e01):
+  """The chunk's d logits g (2 K G, chunk_lanes) from its dots e0, e1 (scale included) through
+  the clip and sigmoid (locations) and the softmax over the points (weights); then phi's
+  backward: dh[chunk] += g^T W, d W += g h[chunk], d b += the sum of g."""
+  tab_v, fac_v, dw_s, db_s = phi_s
+  KG, G = cfg.logits // 2, cfg.heads
+  e0, e1 = e01[:KG], e01[KG:]
+  pos, w = tab_v[pl.ds(0, KG), :], tab_v[pl.ds(KG, KG), :]
+  f = pos - jnp.floor(pos)
+  d_loc = w * (e1 - e0) * fac_v[...]
+  t = w * ((1.0 - f) * e0 + f * e1)  # weight x d weight
+  total = functools.reduce(jnp.add, [t[k * G:(k + 1) * G] for k in range(cfg.points)])
+  g = jnp.concatenate([d_loc, t - w * jnp.concatenate([total] * cfg.points, axis=0)], axis=0)
+  first = _chunk_start(cfg)
+  rows = pl.ds(first, cfg.chunk_lanes)
+  dh_s[rows, :] += _product(g.T, w_ref[...], 1, 0, w_ref.dtype)
+  dw_s[...] += _product(g, hf[rows, :], 1, 0, w_ref.dtype)
+  db_s[...] += jnp.sum(g, axis=1, keepdims=True)

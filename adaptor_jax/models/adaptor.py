@@ -18,12 +18,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.ad_checkpoint import checkpoint_name
 
 from adaptor_jax.models import common
 
 ROUTES = 4
-PHI = "adaptor_phi"  # phi_p and phi_c's product, by this name for a rematerialisation policy
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,70 +78,24 @@ class AdaptorT(nnx.Module):
     G = R * S  # the read's heads: (route, group) pairs
     # Everything per position is laid out points first, positions last: (B, K, G, L), padded
     # neither in its lanes nor in its sublanes on TPU (G = 16 heads).
-    if self.selection == "learned":  # phi_p and phi_c as one product per route, its outputs
-      # ordered (p or c, point, group) so that the heads come out side by side
-      kmajor = lambda x: jnp.swapaxes(x.reshape(*x.shape[:-1], S, K), -1, -2).reshape(x.shape)
-      w_RDC = jnp.concatenate([kmajor(self.phi_p[...]), kmajor(self.phi_c[...])], axis=-1)
-      b_RC = jnp.concatenate([kmajor(self.phi_p_bias[...]), kmajor(self.phi_c_bias[...])], -1)
-      out = checkpoint_name(route_linear(h_BLE, w_RDC.astype(h_BLE.dtype)), PHI)
-      out = out.astype(jnp.float32) + b_RC[:, :, None]
-      out = out.reshape(B, R, 2, K, S, L).transpose(0, 2, 3, 1, 4, 5).reshape(B, 2, K, G, L)
-      move_BKGL = jax.nn.sigmoid(out[:, 0])
-      c_BKGL = jax.nn.softmax(out[:, 1], axis=1)
-    else:
-      move_BKGL = jnp.broadcast_to(((jnp.arange(K) + 1.0) / K)[:, None, None], (B, K, G, L))
-      c_BKGL = jnp.full((B, K, G, L), 1.0 / K)
     window_S = L / 2.0 ** (S - 1 - jnp.arange(S, dtype=jnp.float32))
     back_R = jnp.array([-1.0, -1.0, 1.0, 1.0])  # forward routes look left, reverse ones right
     reach_G = (back_R[:, None] * window_S).reshape(G)
-    i_L = jnp.arange(L, dtype=jnp.float32)
-    p_BKGL = jnp.clip(i_L + reach_G[:, None] * move_BKGL, 0.0, L - 1)
+    h_BLGC = h_BLE.reshape(B, L, G, D // S)
+    gamma_GC = self.gamma[...].reshape(G, D // S)
     scale = None if scale_BRL is None else jnp.repeat(scale_BRL, S, axis=1)
-    out = common.memory_read(h_BLE.reshape(B, L, G, D // S), p_BKGL, c_BKGL,
-                             self.gamma[...].reshape(G, D // S), scale)
+    if self.selection == "learned":  # phi_p and phi_c as one product per route, its outputs
+      # ordered (p or c, point, group)
+      kmajor = lambda x: jnp.swapaxes(x.reshape(*x.shape[:-1], S, K), -1, -2).reshape(x.shape)
+      w_RDC = jnp.concatenate([kmajor(self.phi_p[...]), kmajor(self.phi_c[...])], axis=-1)
+      b_RC = jnp.concatenate([kmajor(self.phi_p_bias[...]), kmajor(self.phi_c_bias[...])], -1)
+      out = common.learned_read(h_BLGC, w_RDC, b_RC, reach_G, gamma_GC, scale)
+    else:
+      move_BKGL = jnp.broadcast_to(((jnp.arange(K) + 1.0) / K)[:, None, None], (B, K, G, L))
+      p_BKGL = jnp.clip(jnp.arange(L, dtype=jnp.float32) + reach_G[:, None] * move_BKGL,
+                        0.0, L - 1)
+      out = common.memory_read(h_BLGC, p_BKGL, jnp.full((B, K, G, L), 1.0 / K), gamma_GC, scale)
     return out.reshape(B, L, E)
-
-
-@jax.custom_vjp
-def route_linear(x_BLE, w_RDC):
-  """Each route's own linear map of its states, positions last: out[b, r, c, l] =
-  sum_d x[b, l, r * D + d] w[r, d, c]. XLA lays x out routes-first for the product. The
-  backward takes each route's dx as its own product, side by side in the lanes as x is: as one
-  product, XLA:TPU laid dx out routes-first and copied it (a VSS block with both adaptors, v5e,
-  batch 32, fwd + bwd: 0.687 -> 0.670 GB per image at width 96, 0.272 -> 0.269 at width 192).
-  Each route's d w is its own product too, except on the CPU, where they are a loop over the
-  routes: XLA:CPU merges the routes-first layout of x for the static products with the
-  forward's and keeps it until the backward (+23 MB per image in the booster's train step).
-  Elsewhere static products, so that XLA's cost analysis sees them all (it counts a loop's
-  body once); the block at width 96 then moves 0.653 GB per image."""
-  return jnp.einsum("blrd,rdc->brcl", _by_route(x_BLE, w_RDC), w_RDC)
-
-
-def _by_route(x_BLE, w_RDC):
-  B, L, _ = x_BLE.shape
-  return x_BLE.reshape(B, L, w_RDC.shape[0], w_RDC.shape[1])
-
-
-def _route_linear_fwd(x_BLE, w_RDC):
-  return route_linear(x_BLE, w_RDC), (x_BLE, w_RDC)
-
-
-def _route_linear_bwd(res, g_BRCL):
-  x_BLE, w_RDC = res
-  R, D, _ = w_RDC.shape
-
-  def route(r):  # the CPU's loop slices x as it is kept
-    x_BLD = jax.lax.dynamic_slice_in_dim(x_BLE, r * D, D, axis=2)
-    return jnp.einsum("bld,bcl->dc", x_BLD, g_BRCL[:, r])
-
-  dx = jnp.concatenate([g_BRCL[:, r].mT @ w_RDC[r].T for r in range(R)], axis=-1)
-  dw = jax.lax.platform_dependent(
-      cpu=lambda: jax.lax.map(route, jnp.arange(R)),
-      default=lambda: jnp.stack([route(r) for r in range(R)]))
-  return dx.astype(x_BLE.dtype), dw.astype(w_RDC.dtype)
-
-
-route_linear.defvjp(_route_linear_fwd, _route_linear_bwd)
 
 
 class AdaptorS(nnx.Module):

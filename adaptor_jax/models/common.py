@@ -6,7 +6,7 @@ training code can map them onto its mesh:
   inner   SS2D / Mamba inner width Di       classes  classifier outputs
   route   the four SS2D scan routes         None     never sharded (small axes)
 Six ops are jitted under fixed names (`layer_norm`, `global_avg_pool`, `selective_scan`,
-`memory_read`, `dilated_dwconvs`, `depthwise_conv3x3`) so the FLOP counter (counting.py) can
+`memory_read`, `learned_read`, `dilated_dwconvs`, `depthwise_conv3x3`) so the FLOP counter (counting.py) can
 find them in a traced model and count them like fvcore does.
 """
 import functools
@@ -178,6 +178,7 @@ selective_scan = jax.jit(
     kernels.selective_scan,
     static_argnames=("delta_softplus", "return_last_state", "reverse", "backend"))
 memory_read = jax.jit(kernels.memory_read, static_argnames=("backend",))
+learned_read = jax.jit(kernels.learned_read, static_argnames=("backend",))
 
 
 # Rematerialisation of a block's activations in the backward pass (config.remat): "none" keeps

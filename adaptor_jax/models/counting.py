@@ -8,11 +8,13 @@ The model is traced to a jaxpr (no compute) and its equations are counted:
   selective_scan         9 B L D N + B L D (VMamba's count: its D term included)
   memory_read            2K per element of the read (its weighted sum of 2K interpolation taps,
                          the multiply-adds of the einsum it replaces)
+  learned_read           memory_read's, plus phi's product: 2 K S per element of h (each route's
+                         linear map of its states to 2 K S logits per position)
   dilated_dwconvs        9 N per element of y (Adaptor-S's N depthwise 3x3 convolutions, counted
                          as the convolutions they are)
   depthwise_conv3x3      9 per element of x (SS2D's conv2d, a convolution or a stencil by platform)
 Everything else (activations, additions, element-wise products, gathers) counts 0, as in fvcore.
-The last six are found by the names under which adaptor_jax.models.common jits them.
+The last seven are found by the names under which adaptor_jax.models.common jits them.
 """
 import math
 
@@ -49,12 +51,19 @@ def _scan(eqn):
   return 9 * batch * length * d * A[1] + batch * length * d
 
 
+def _route_heads(eqn):  # learned_read's S: its G heads over w's R routes
+  return eqn.invars[0].aval.shape[2] // eqn.invars[1].aval.shape[0]
+
+
 PRIMITIVES = {"dot_general": _dot_general, "conv_general_dilated": _conv}
 NAMED = {
     "layer_norm": lambda eqn: 5 * math.prod(eqn.invars[0].aval.shape),
     "global_avg_pool": lambda eqn: math.prod(eqn.invars[0].aval.shape),
     "selective_scan": _scan,
     "memory_read": lambda eqn: 2 * eqn.invars[1].aval.shape[1] * math.prod(
+        eqn.invars[0].aval.shape),
+    "learned_read": lambda eqn: (2 * eqn.invars[1].aval.shape[2] // (2 * _route_heads(eqn))
+                                 + eqn.invars[1].aval.shape[2]) * math.prod(
         eqn.invars[0].aval.shape),
     "dilated_dwconvs": lambda eqn: 9 * eqn.invars[1].aval.shape[0] * math.prod(
         eqn.invars[0].aval.shape),
