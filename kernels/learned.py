@@ -19,8 +19,10 @@ Backends, each with the signature (h, w, b, reach, gamma, scale) -> out:
   pallas_tpu  read_pallas_tpu.learned: phi's product is taken inside the read's kernels, from
               the rows of h they hold in VMEM, and phi's backward inside the read's backward
               kernel, so that neither the logits, nor the locations, nor their gradients reach
-              HBM. A VSS block with both adaptors (b2's settings, v5e, batch 32, fwd + bwd; see
-              benchmarks/README) moved <fill> where phi's product and backward were XLA's.
+              HBM. A VSS block with Adaptor-T (b2's settings, v5e, batch 32, fwd + bwd, every
+              kernel's bytes counted; benchmarks/README) moves 0.444 GB per image at width 96
+              and 0.223 at 192, where with phi's product and backward by XLA around the read's
+              kernels it moved 0.575 and 0.265 (without the adaptor: 0.386 and 0.185).
 "auto" picks pallas_tpu on TPU and xla elsewhere ($ADAPTOR_READ_BACKEND overrides it, as for
 memory_read). Under a mesh the call runs once per shard of the batch (per_shard.py).
 """
@@ -80,17 +82,6 @@ def locations(logits_BRJL, reach, heads):
   return pos, jax.nn.softmax(out[:, 1], axis=1)
 
 
-def dense(w, heads):
-  """phi as one (2 K G, G C) matrix, rows ordered (location or weight, point, head), zero
-  outside each route's channels: the kernels' product of a position's whole row of h."""
-  R, D, J = w.shape
-  S = heads // R
-  K = J // (2 * S)
-  w5 = w.reshape(R, D, 2, K, S)
-  return jnp.einsum("rdjks,rq->jkrsqd", w5, jnp.eye(R, dtype=w.dtype)).reshape(
-      2 * K * heads, R * D)
-
-
 # ---------------------------------------------------------------------------------------------
 # Backends.
 
@@ -112,11 +103,7 @@ def xla(h, w, b, reach, gamma=None, scale=None):
 def pallas_tpu(h, w, b, reach, gamma=None, scale=None, **kwargs):
   """The Mosaic kernels (read_pallas_tpu.learned; kwargs: interpret, block_l)."""
   from kernels import read_pallas_tpu  # noqa: PLC0415 - it imports from read
-  G = h.shape[2]
-  S = G // w.shape[0]
-  K = w.shape[2] // (2 * S)
-  b_rows = b.reshape(w.shape[0], 2, K, S).transpose(1, 2, 0, 3).reshape(-1)
-  return read_pallas_tpu.learned(h, dense(w, G), b_rows, reach, gamma, scale, **kwargs)
+  return read_pallas_tpu.learned(h, w, b, reach, gamma, scale, **kwargs)
 
 
 BACKENDS = {"reference": reference, "xla": xla, "pallas_tpu": pallas_tpu}

@@ -20,6 +20,7 @@ reverse=True walks the chunks and the steps inside them backwards: nothing is pa
 """
 import dataclasses
 import functools
+import math
 from typing import Any
 
 import jax
@@ -231,15 +232,30 @@ def _inputs(cfg, u, delta, A, B, C, D, z, delta_bias, sp):
   args = [u, delta, A.T, B.reshape(batch, length, gn), C.reshape(batch, length, gn),
           D.reshape(1, d_inner), delta_bias.reshape(1, d_inner)] + ([z] if cfg.has_z else [])
   specs = [sp["bld"], sp["bld"], sp["nd"], sp["blk"], sp["blk"], sp["d"], sp["d"]]
-  return args, specs + [sp["bld"]] * cfg.has_z
+  # how often the grid fetches each: B and C once per tile of channels, the per-tile
+  # vectors once per image, the rest once
+  tiles = d_inner // cfg.block_d
+  fetches = [1, 1, batch, tiles, tiles, batch, batch] + [1] * cfg.has_z
+  return args, specs + [sp["bld"]] * cfg.has_z, fetches
 
 
-def _call(cfg, kernel, name, out_shape, out_specs, scratch, args, in_specs):
-  batch, _, d_inner = args[0].shape
+def _call(cfg, kernel, name, out_shape, out_specs, scratch, args, in_specs, fetches):
+  """The pallas_call, with its cost for XLA's analysis (which counts a kernel as nothing
+  otherwise): every input as often as the grid fetches it, every output once; the scan's
+  count of counting.py (9 per state and channel step, and the D term) in FLOPs, the
+  backward twice that (the states recomputed, then the adjoint), one exp per state step."""
+  batch, length, d_inner = args[0].shape
+  backward = name.endswith("bwd")
+  nbytes = sum(a.size * a.dtype.itemsize * f for a, f in zip(args, fetches))
+  nbytes += sum(math.prod(o.shape) * o.dtype.itemsize for o in out_shape)
+  steps = batch * length * d_inner
   return pl.pallas_call(
       functools.partial(kernel, cfg), out_shape=out_shape,
       grid=(batch, d_inner // cfg.block_d, cfg.n_chunks), in_specs=in_specs,
       out_specs=out_specs, scratch_shapes=scratch, interpret=cfg.interpret, name=name,
+      cost_estimate=pl.CostEstimate(
+          flops=(1 + backward) * steps * (9 * cfg.n_state + 1),
+          transcendentals=(1 + backward) * steps * cfg.n_state, bytes_accessed=int(nbytes)),
       compiler_params=pltpu.CompilerParams(
           dimension_semantics=("parallel", "parallel", "arbitrary")),
   )(*args)
@@ -265,14 +281,14 @@ def _forward(cfg, u, delta, A, B, C, D, z, delta_bias):
   batch, length, d_inner = u.shape
   n, gn, bd, rows = cfg.n_state, cfg.groups * cfg.n_state, cfg.block_d, _rows(cfg)
   sp = _specs(cfg, backward=False)
-  args, in_specs = _inputs(cfg, u, delta, A, B, C, D, z, delta_bias, sp)
+  args, in_specs, fetches = _inputs(cfg, u, delta, A, B, C, D, z, delta_bias, sp)
   out_shape = [jax.ShapeDtypeStruct(u.shape, u.dtype),
                jax.ShapeDtypeStruct((batch, cfg.n_chunks, n, d_inner), F32),
                jax.ShapeDtypeStruct((batch, n, d_inner), F32)]
   scratch = [pltpu.VMEM((n, bd), F32)] + [pltpu.VMEM((rows, bd), F32)] * 3 + \
             [pltpu.VMEM((rows, gn), F32)] * 2
   return _call(cfg, _fwd_kernel, "selective_scan_fwd", out_shape,
-               [sp["bld"], sp["bknd"], sp["bnd"]], scratch, args, in_specs)
+               [sp["bld"], sp["bknd"], sp["bnd"]], scratch, args, in_specs, fetches)
 
 
 def _fwd_kernel(cfg, *refs):
@@ -316,8 +332,9 @@ def _backward(cfg, u, delta, A, B, C, D, z, delta_bias, h0_BKND, dy_BLD, dlast_B
   n, gn, bd, rows = cfg.n_state, cfg.groups * cfg.n_state, cfg.block_d, _rows(cfg)
   n_tiles = d_inner // bd
   sp = _specs(cfg, backward=True)
-  args, in_specs = _inputs(cfg, u, delta, A, B, C, D, z, delta_bias, sp)
+  args, in_specs, fetches = _inputs(cfg, u, delta, A, B, C, D, z, delta_bias, sp)
   args += [dy_BLD, h0_BKND, dlast_BND]
+  fetches += [1, 1, 1]
   in_specs += [sp["bld"], sp["bknd"], sp["bnd"]]
   sds = jax.ShapeDtypeStruct
   out_shape = [sds(u.shape, u.dtype), sds(u.shape, delta.dtype)]
@@ -330,7 +347,7 @@ def _backward(cfg, u, delta, A, B, C, D, z, delta_bias, h0_BKND, dy_BLD, dlast_B
   scratch = [pltpu.VMEM((n, bd), F32), states] + [pltpu.VMEM((rows, bd), F32)] * 6 + \
             [pltpu.VMEM((rows, gn), F32)] * 4
   outs = _call(cfg, _bwd_kernel, "selective_scan_bwd", out_shape, out_specs, scratch, args,
-               in_specs)
+               in_specs, fetches)
   du, ddelta = outs[:2]
   dz = outs[2] if cfg.has_z else None
   dB_part, dC_part, dA_BND, dD_B1D, dbias_B1D = outs[2 + cfg.has_z:]

@@ -8,16 +8,21 @@ neither the read nor h' is written to HBM, in either direction.
 
 Layout: h as it comes, (batch, L, G x C) with the G heads side by side in the lanes (no
 transpose, and no padding of a head's C channels to 128 lanes). Both kernels run on a grid
-(batch, L chunks), chunk axis sequential. The image's whole sequence h[b] (L, G x C) stays in
-VMEM across its chunks (cast once to float32 scratch). Per chunk, its positions' tables sit in
+(split, image, L chunk): two halves of the batch (a megacore chip's two cores; one half for an
+odd batch), then their images and chunks in sequence. The image's whole sequence h[b]
+(L, G x C) stays in VMEM across its chunks (cast once to float32 scratch). Per chunk, its positions' tables sit in
 SMEM, where the scalar unit reads them: the location and weight of every (point, head), and the
 scale of every head. Each comes positions last, (rows, chunk), and is one of:
 * an argument as it comes (memory_read's pos and weight; the scale): the kernel copies its
   chunk's window of block_l columns (a multiple of 128 lanes) to SMEM, so XLA builds no tables
   and no per-chunk slabs, except one for a ragged last chunk (its columns padded to block_l);
-* made in VMEM (learned_read): phi's product of the chunk's rows of h, W (2 K G, G C) . h^T on
-  the MXU, then the sigmoid, clip and softmax, copied VMEM -> SMEM. phi's product never
-  reaches HBM, nor do the locations, nor (backward) their gradients.
+* made in VMEM (learned_read): phi's product of the chunk's rows of h on the MXU, route by
+  route (W_r (2 K S, window) . h[chunk, window]^T over the whole lane tiles that hold the
+  route's D channels: 1.33x the route's FLOPs for D = 192, where one product with a dense
+  (2 K G, G C) W took 4x), then the sigmoid, clip and softmax (over the points: sublane rolls
+  within a route's rows), copied VMEM -> SMEM. Its rows are route-major, (route, location or
+  weight, point, head), as b has them. phi's product never reaches HBM, nor do the
+  locations, nor (backward) their gradients.
 The scalar unit takes each location's two rows and fraction from its table (`read.taps`'
 arithmetic). The kernels address one row of h per tap, over the 128-lane window that holds the
 tap's head; a lane mask keeps the head's channels:
@@ -29,16 +34,21 @@ tap's head; a lane mask keeps the head's channels:
   d pos, d weight are element-wise in them) and dh[p] += w e into a float32 accumulator of
   the whole image that stays in VMEM over the chunks and is written once, after the last one;
   the residual path dh_t += scale d out_t, d scale = <h'_t, d out_t> per head, and d gamma +=
-  scale d out_t read_t (read again from the rows already loaded) accumulated over the image's
-  chunks. memory_read writes the dots out for XLA; learned_read takes them on in VMEM: d pos
-  and d weight through the softmax, clip and sigmoid to d logits g (2 K G, chunk), then
-  dh[chunk] += g^T W and d W += g h[chunk], d b += sum g (two small MXU products per chunk).
+  scale d out_t read_t (read again from the rows already loaded) summed over the split's
+  images. memory_read writes the dots out for XLA; learned_read takes them on in VMEM: d pos
+  and d weight through the softmax, clip and sigmoid to d logits g, then per route
+  dh[chunk, window] += g^T W_r, d W_r += g h[chunk, window] and d b += sum g, summed over the
+  split's images (two small MXU products per route and chunk).
 Residuals are the inputs only. Positions past L in a ragged last chunk read row 0 with weight 0
 (memory_read: its tables come padded; learned_read: its image is padded with zero rows) and
 have a masked cotangent.
+
+XLA's cost analysis counts a Mosaic call as nothing unless it is told: each call states its
+FLOPs, exps and bytes (every argument and result once: the grid fetches each block once).
 """
 import dataclasses
 import functools
+import math
 from typing import Any
 
 import jax
@@ -77,6 +87,20 @@ class _Config:
   interpret: Any
   phi: bool = False  # learned_read: the locations and weights from phi's product of h
   batch: int = 1
+  routes: int = 1  # learned_read's R: phi is a product per route of G / R heads
+
+  @property
+  def route_rows(self):  # a route's phi outputs: its K S locations, then its K S weights
+    return self.logits // self.routes
+
+  @property
+  def route_window(self):
+    """(width, starts): each route's phi reads its D = width / R lanes of h inside a lane
+    window of this width that starts at a whole lane tile (its start per route)."""
+    D = self.width // self.routes
+    need = max(min(pl.cdiv((r + 1) * D, 128) * 128, self.width) - r * D // 128 * 128
+               for r in range(self.routes))
+    return need, tuple(min(r * D // 128 * 128, self.width - need) for r in range(self.routes))
 
   @property
   def splits(self):  # the grid's parallel axis (a megacore chip's two cores): halves of the
@@ -127,14 +151,14 @@ class _Config:
     return 2 * self.heads * self.points + self.heads
 
 
-def _config(h, points, gamma, scale, block_l, interpret, phi=False):
+def _config(h, points, gamma, scale, block_l, interpret, routes=None):
   batch, length, groups, C = h.shape
   bl = block_l or BlockSizes().block_l
   bl = length if bl >= length else bl
   if bl != length and bl % 128:  # a chunk's table columns start at a whole lane tile
     raise ValueError(f"block_l={bl} must be a multiple of 128 (or at least L={length})")
   return _Config(length, groups, C, points, bl, h.dtype != F32, gamma is not None,
-                 scale is not None, interpret, phi, batch)
+                 scale is not None, interpret, routes is not None, batch, routes or 1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -178,12 +202,17 @@ _read.defvjp(_read_fwd, _read_bwd)
 # learned_read: phi's product of h gives the tables.
 
 def learned(h, w, b, reach, gamma=None, scale=None, *, interpret=False, block_l=None):
-  """learned_read on TPU: h (batch, L, G, C); w (2 K G, G C) float32, phi's product of a
-  position's row of h to its (location or weight, point, head) logits; b (2 K G,) float32;
-  reach (G,) float32; gamma (G, C) or None; scale (batch, G, L) or None."""
-  points = w.shape[0] // (2 * h.shape[2])
-  cfg = _config(h, points, gamma, scale, block_l, interpret, phi=True)
-  return _learned(cfg, h, w, b, reach, gamma, scale)
+  """learned_read on TPU (kernels/learned.py's contract): h (batch, L, G, C); w (R, S C, 2 K S)
+  and b (R, 2 K S), each route's phi; reach (G,) float32; gamma (G, C) or None; scale
+  (batch, G, L) or None."""
+  R, D, J = w.shape
+  cfg = _config(h, J * R // (2 * h.shape[2]), gamma, scale, block_l, interpret, routes=R)
+  width, starts = cfg.route_window
+  # each route's W^T (2 K S, D) at its lanes' place in its window, zeros around (autodiff
+  # takes d W back out of d W_window)
+  w_window = jnp.stack([jnp.pad(w[r].T, [(0, 0), (r * D - a, width - r * D + a - D)])
+                        for r, a in enumerate(starts)])
+  return _learned(cfg, h, w_window, b, reach, gamma, scale)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -205,18 +234,20 @@ def _learned_bwd(cfg, res, d_out):
   if scale is not None:
     d_scale = out["dots"][:, :, :cfg.length].astype(scale.dtype)
   return (out["dh"].reshape(h.shape), out["dw"].sum(0).astype(w.dtype),
-          out["db"].sum((0, 2)).astype(b.dtype), jnp.zeros_like(reach), _d_gamma(out, gamma),
-          d_scale)
+          out["db"].sum(0).reshape(b.shape).astype(b.dtype), jnp.zeros_like(reach),
+          _d_gamma(out, gamma), d_scale)
 
 
 _learned.defvjp(_learned_fwd, _learned_bwd)
 
 
 def _phi_args(cfg, w, b, reach, dtype):
-  """W (2KG, GC) in h's dtype (the MXU's operands, as XLA's product of h would have them), b as
-  a column (2KG, 1), each location row's reach as a column (KG, 1)."""
-  return (w.astype(dtype), b.astype(F32).reshape(cfg.logits, 1),
-          jnp.tile(reach.astype(F32), cfg.points).reshape(cfg.logits // 2, 1))
+  """Each route's W in its lane window (R, 2 K S, window) in h's dtype (the MXU's operands, as
+  XLA's product of h would have them); b as a column (R 2 K S, 1), phi's rows route-major
+  as b has them; the reach of each location row (r, k, s) as a column (K G, 1)."""
+  R, K, S = cfg.routes, cfg.points, cfg.heads // cfg.routes
+  reach_rows = jnp.broadcast_to(reach.astype(F32).reshape(R, 1, S), (R, K, S))
+  return w.astype(dtype), b.astype(F32).reshape(cfg.logits, 1), reach_rows.reshape(R * K * S, 1)
 
 
 def _lanes(x_BLGC):
@@ -262,8 +293,8 @@ def _vmem_bytes(cfg, itemsize, backward):
   phi = 0
   if cfg.phi:  # W, b and reach blocks; the tables and phi's product of a chunk; in the
     # backward also d W and d b (blocks and scratch), the reach factors and d logits
-    w, col, tables = pad(cfg.logits, cfg.width), pad(cfg.logits, 1), pad(cfg.logits,
-                                                                           cfg.chunk_lanes)
+    w, col = pad(cfg.logits, cfg.route_window[0]), pad(cfg.logits, 1)
+    tables = pad(cfg.logits, cfg.chunk_lanes)
     phi = 2 * (w + 2 * col) + 2 * tables + backward * (3 * (w + col) + 2 * tables + chunk)
   if backward:  # h and dh blocks, the d out chunk, the dots block, gamma and d gamma rows;
     # f32 copy, dh, d out, dots and d gamma scratch
@@ -279,19 +310,38 @@ def _call(cfg, kernel, name, out_shape, in_specs, out_specs, scratch, tables, ar
     raise ValueError(f"{name.rsplit('_', 1)[0]} pallas_tpu: an image of L={cfg.length} x "
                      f"G*C={cfg.width} needs {need / 2**20:.0f} MiB of VMEM (limit "
                      f"{VMEM_LIMIT_BYTES / 2**20:.0f} MiB); use backend='xla'")
-  locations = (cfg.logits // 2, cfg.chunk_lanes if cfg.phi else cfg.block_l)
-  smem = [pltpu.SMEM(locations, F32)] * 2 + [pltpu.SMEM((cfg.heads, cfg.block_l), F32)] * cfg.scale
+  # the locations and weights: one table of phi's rows, or the two arguments'; the scale's
+  smem = ([pltpu.SMEM((cfg.logits, cfg.chunk_lanes), F32)] if cfg.phi else
+          [pltpu.SMEM((cfg.logits // 2, cfg.block_l), F32)] * 2)
+  smem += [pltpu.SMEM((cfg.heads, cfg.block_l), F32)] * cfg.scale
   scratch = scratch + smem + [pltpu.SemaphoreType.DMA((3,))]
   present = [a for a in args if a is not None]
   specs = [s for a, s in zip(args, in_specs) if a is not None]
+  outs = out_shape if isinstance(out_shape, list) else [out_shape]
+  nbytes = sum(math.prod(x.shape) * x.dtype.itemsize for x in [*tables, *present, *outs])
   return pl.pallas_call(
-      functools.partial(kernel, cfg), out_shape=out_shape, grid=(cfg.splits, cfg.per_split, cfg.n_chunks),
+      functools.partial(kernel, cfg), out_shape=out_shape,
+      grid=(cfg.splits, cfg.per_split, cfg.n_chunks),
       in_specs=[pl.BlockSpec(memory_space=pl.ANY)] * len(tables) + specs,
       out_specs=out_specs, scratch_shapes=scratch, interpret=cfg.interpret, name=name,
+      cost_estimate=pl.CostEstimate(**_work(cfg, backward), bytes_accessed=nbytes),
       compiler_params=pltpu.CompilerParams(
           dimension_semantics=("parallel", "arbitrary", "arbitrary"),
           vmem_limit_bytes=max(need * 5 // 4, 16 * 2**20) if need > 12 * 2**20 else None),
   )(*tables, *present)
+
+
+def _work(cfg, backward):
+  """What the kernel computes, for XLA's cost analysis: FLOPs (2 per multiply-add: the taps'
+  rows times their weights, in the backward also their dots and dh's accumulation; phi's
+  products over their lane windows, in the backward also dh's and d W's) and exps."""
+  taps = 2 * cfg.batch * cfg.length * cfg.heads * cfg.points * 2 * cfg.channels
+  phi = exps = 0
+  if cfg.phi:
+    positions = cfg.batch * cfg.n_chunks * cfg.chunk_lanes
+    phi = 2 * positions * cfg.logits * cfg.route_window[0]
+    exps = positions * cfg.logits
+  return dict(flops=int((taps + phi) * (1 + 2 * backward)), transcendentals=int(exps))
 
 
 def _name(cfg, direction):
@@ -317,15 +367,16 @@ def _specs(cfg):
 
 def _phi_specs(cfg):
   """W, b and reach: whole, the same block at every step."""
-  whole = lambda *shape: _spec(cfg, shape, lambda b, c: (0, 0))
-  return [whole(cfg.logits, cfg.width), whole(cfg.logits, 1), whole(cfg.logits // 2, 1)]
+  whole = lambda *shape: _spec(cfg, shape, lambda b, c: (0,) * len(shape))
+  return [whole(cfg.routes, cfg.route_rows, cfg.route_window[0]), whole(cfg.logits, 1),
+          whole(cfg.logits // 2, 1)]
 
 
 def _load_tables(cfg, hbm_refs, smem, sem):
   """The chunk's columns of the HBM tables -> SMEM; a ragged last chunk's from the tails."""
   b, c = _ids(cfg)
   hbm_refs, tails = hbm_refs[:cfg.n_tables], hbm_refs[cfg.n_tables:]
-  smem = smem[2:] if cfg.phi else smem  # phi makes the locations and weights
+  smem = smem[1:] if cfg.phi else smem  # phi makes the locations and weights
   if not hbm_refs:
     return
 
@@ -371,30 +422,48 @@ def _chunk_start(cfg):
 
 
 def _phi_tables(cfg, hf, phi_refs, tab_v, smem, sem, fac_v=None):
-  """The chunk's locations and weights from phi's product of its rows of h: tab_v (2 K G,
-  chunk_lanes) in VMEM, its two halves copied to SMEM; fac_v (K G, chunk_lanes), when given,
+  """The chunk's locations and weights from phi's product of its rows of h, route by route:
+  tab_v (2 K G, chunk_lanes) in VMEM, rows (route, location or weight, point, head of the
+  route), copied to SMEM; fac_v (K G, chunk_lanes), rows (route, point, head), when given:
   d location / d logit (the reach times the sigmoid's derivative, 0 where the clip holds)."""
   w_ref, b_ref, reach_ref = phi_refs
-  n, KG, G = cfg.chunk_lanes, cfg.logits // 2, cfg.heads
+  n, KS, S = cfg.chunk_lanes, cfg.route_rows // 2, cfg.heads // cfg.routes
+  width, starts = cfg.route_window
   first = _chunk_start(cfg)
-  logits = _product(w_ref[...], hf[pl.ds(first, n), :], 1, 1, w_ref.dtype) + b_ref[...]
-  move = 1.0 / (1.0 + jnp.exp(-logits[:KG]))
-  x = (first + jax.lax.broadcasted_iota(jnp.int32, (1, n), 1)).astype(F32) + reach_ref[...] * move
-  tab_v[pl.ds(0, KG), :] = jnp.clip(x, 0.0, cfg.length - 1.0)
-  slabs = [logits[KG + k * G:KG + (k + 1) * G] for k in range(cfg.points)]  # softmax over k
-  top = functools.reduce(jnp.maximum, slabs)
-  ex = [jnp.exp(s - top) for s in slabs]
-  total = functools.reduce(jnp.add, ex)
-  tab_v[pl.ds(KG, KG), :] = jnp.concatenate([e / total for e in ex], axis=0)
-  if fac_v is not None:
-    inside = (x > 0.0) & (x < cfg.length - 1.0)
-    fac_v[...] = jnp.where(inside, reach_ref[...] * move * (1.0 - move), 0.0)
-  copies = [pltpu.make_async_copy(tab_v.at[pl.ds(j * KG, KG)], smem[j], sem.at[j])
-            for j in (0, 1)]
-  for cp in copies:
-    cp.start()
-  for cp in copies:
-    cp.wait()
+  i = (first + jax.lax.broadcasted_iota(jnp.int32, (1, n), 1)).astype(F32)
+  for r, a in enumerate(starts):
+    rows = pl.ds(r * 2 * KS, 2 * KS)
+    logits = _product(w_ref[r], hf[pl.ds(first, n), a:a + width], 1, 1, w_ref.dtype)
+    logits = logits + b_ref[rows, :]
+    move = 1.0 / (1.0 + jnp.exp(-logits[:KS]))
+    reach = reach_ref[pl.ds(r * KS, KS), :]
+    x = i + reach * move
+    tab_v[pl.ds(r * 2 * KS, KS), :] = jnp.clip(x, 0.0, cfg.length - 1.0)
+    weights = logits[KS:]  # softmax over the points: rows k S + s, k's peers S rows apart
+    ex = jnp.exp(weights - _over_points(cfg, weights, jnp.maximum))
+    tab_v[pl.ds(r * 2 * KS + KS, KS), :] = ex / _over_points(cfg, ex, jnp.add)
+    if fac_v is not None:
+      inside = (x > 0.0) & (x < cfg.length - 1.0)
+      fac_v[pl.ds(r * KS, KS), :] = jnp.where(inside, reach * move * (1.0 - move), 0.0)
+  copy = pltpu.make_async_copy(tab_v, smem[0], sem.at[0])
+  copy.start()
+  copy.wait()
+
+
+def _over_points(cfg, x, op):
+  """op over the K points of each head of a route's (K S, lanes) rows (k S + s), in every row:
+  the rows rolled by S, 2S, ... combined."""
+  S = cfg.heads // cfg.routes
+  out = x
+  for k in range(1, cfg.points):
+    out = op(out, pltpu.roll(x, k * S, 0))
+  return out
+
+
+def _phi_row(cfg, g, k):
+  """The table row of head g's location k (its weight is K S rows further)."""
+  S = cfg.heads // cfg.routes
+  return g // S * cfg.route_rows + k * S + g % S
 
 
 def _product(a, b, a_axis, b_axis, dtype):
@@ -408,8 +477,12 @@ def _product(a, b, a_axis, b_axis, dtype):
 def _tap(cfg, tables_s, t, g, k):
   """Tap (g, k) of the chunk's position t: its two rows, their weights (scale not included);
   the rows and the fraction as `read.taps` gives them."""
-  e = k * cfg.heads + g
-  p, wk = tables_s[0][e, t], tables_s[1][e, t]
+  if cfg.phi:
+    e = _phi_row(cfg, g, k)
+    p, wk = tables_s[0][e, t], tables_s[0][e + cfg.route_rows // 2, t]
+  else:
+    e = k * cfg.heads + g
+    p, wk = tables_s[0][e, t], tables_s[1][e, t]
   floor = p.astype(jnp.int32)  # truncates: one less where that rounded a negative p up
   floor = jnp.where(floor.astype(F32) > p, floor - 1, floor)
   fk = p - floor.astype(F32)
@@ -418,7 +491,7 @@ def _tap(cfg, tables_s, t, g, k):
 
 
 def _scale(cfg, tables_s, t, g):
-  return tables_s[2][g, t] if cfg.scale else None
+  return tables_s[-1][g, t] if cfg.scale else None
 
 
 def _head_windows(cfg):
@@ -499,8 +572,9 @@ def _backward(cfg, tables, h_BLW, dout_BLW, gamma_row, phi=(None, None, None)):
   learned_read: d scale, when there is a scale); dgamma per split of the batch; learned_read:
   dw, db per split."""
   image, chunk, row = _specs(cfg)
-  per_split = lambda *shape: (jax.ShapeDtypeStruct((cfg.splits, *shape), F32),
-                              pl.BlockSpec((None, *shape), lambda s, j, c: (s, 0, 0)))
+  per_split = lambda *shape: (
+      jax.ShapeDtypeStruct((cfg.splits, *shape), F32),
+      pl.BlockSpec((None, *shape), lambda s, j, c: (s,) + (0,) * len(shape)))
   per_chunk = lambda rows, n: (jax.ShapeDtypeStruct((cfg.batch, rows, cfg.n_chunks * n), F32),
                                _spec(cfg, (None, rows, n), lambda b, c: (b, 0, c)))
   outs = {"dh": (jax.ShapeDtypeStruct(h_BLW.shape, h_BLW.dtype), image)}
@@ -513,10 +587,11 @@ def _backward(cfg, tables, h_BLW, dout_BLW, gamma_row, phi=(None, None, None)):
       pltpu.VMEM((cfg.rows, cfg.width), F32), pltpu.VMEM((cfg.block_l, cfg.width), F32),
       pltpu.VMEM(cfg.dots_tile, F32), pltpu.VMEM((1, cfg.width), F32)]
   if cfg.phi:
-    outs["dw"], outs["db"] = per_split(cfg.logits, cfg.width), per_split(cfg.logits, 1)
+    w_shape = (cfg.routes, cfg.route_rows, cfg.route_window[0])
+    outs["dw"], outs["db"] = per_split(*w_shape), per_split(cfg.logits, 1)
     scratch += [pltpu.VMEM((cfg.logits, cfg.chunk_lanes), F32),
                 pltpu.VMEM((cfg.logits // 2, cfg.chunk_lanes), F32),
-                pltpu.VMEM((cfg.logits, cfg.width), F32), pltpu.VMEM((cfg.logits, 1), F32)]
+                pltpu.VMEM(w_shape, F32), pltpu.VMEM((cfg.logits, 1), F32)]
   shapes, specs = zip(*outs.values())
   got = _call(cfg, _bwd_kernel, _name(cfg, "bwd"), list(shapes),
               [image, chunk, row] + _phi_specs(cfg), list(specs), scratch, tables,
@@ -573,9 +648,9 @@ def _bwd_kernel(cfg, *refs):
       for k in range(K):
         i0, i1, w0, w1 = _tap(cfg, tables_s, t, g, k)
         r0, r1 = hf[pl.ds(i0, 1), start:stop], hf[pl.ds(i1, 1), start:stop]
-        dots = jnp.where(lane == k * G + g, jnp.sum(r0 * d_read, axis=1, keepdims=True), dots)
-        dots = jnp.where(lane == G * K + k * G + g,
-                         jnp.sum(r1 * d_read, axis=1, keepdims=True), dots)
+        lane0, lane1 = _dot_lanes(cfg, g, k)
+        dots = jnp.where(lane == lane0, jnp.sum(r0 * d_read, axis=1, keepdims=True), dots)
+        dots = jnp.where(lane == lane1, jnp.sum(r1 * d_read, axis=1, keepdims=True), dots)
         dh_s[pl.ds(i0, 1), start:stop] += w0 * d_read
         dh_s[pl.ds(i1, 1), start:stop] += w1 * d_read
         if cfg.gamma or cfg.scale:
@@ -614,21 +689,34 @@ def _bwd_kernel(cfg, *refs):
       db_ref[...] = phi_s[3][...]
 
 
-def _phi_backward(cfg, hf, w_ref, phi_s, dh_s, e01):
-  """The chunk's d logits g (2 K G, chunk_lanes) from its dots e0, e1 (scale included) through
-  the clip and sigmoid (locations) and the softmax over the points (weights); then phi's
-  backward: dh[chunk] += g^T W, d W += g h[chunk], d b += the sum of g."""
+def _dot_lanes(cfg, g, k):
+  """The lanes of <h[p0], d read> and <h[p1], d read> of head g's tap k in a position's dots:
+  (row, point, head) for memory_read, in the rows of phi's table (location and weight rows)
+  for learned_read."""
+  if cfg.phi:
+    e = _phi_row(cfg, g, k)
+    return e, e + cfg.route_rows // 2
+  return k * cfg.heads + g, cfg.heads * cfg.points + k * cfg.heads + g
+
+
+def _phi_backward(cfg, hf, w_ref, phi_s, dh_s, dots):
+  """Route by route: the chunk's d logits g (2 K S, chunk_lanes) from its dots <h[p0], d read>
+  and <h[p1], d read> (in the location and weight rows of phi's table) through the clip and
+  sigmoid (locations) and the softmax over the points (weights); then phi's backward:
+  dh[chunk, window] += g^T W, d W += g h[chunk, window], d b += the sum of g."""
   tab_v, fac_v, dw_s, db_s = phi_s
-  KG, G = cfg.logits // 2, cfg.heads
-  e0, e1 = e01[:KG], e01[KG:]
-  pos, w = tab_v[pl.ds(0, KG), :], tab_v[pl.ds(KG, KG), :]
-  f = pos - jnp.floor(pos)
-  d_loc = w * (e1 - e0) * fac_v[...]
-  t = w * ((1.0 - f) * e0 + f * e1)  # weight x d weight
-  total = functools.reduce(jnp.add, [t[k * G:(k + 1) * G] for k in range(cfg.points)])
-  g = jnp.concatenate([d_loc, t - w * jnp.concatenate([total] * cfg.points, axis=0)], axis=0)
+  KS = cfg.route_rows // 2
+  width, starts = cfg.route_window
   first = _chunk_start(cfg)
   rows = pl.ds(first, cfg.chunk_lanes)
-  dh_s[rows, :] += _product(g.T, w_ref[...], 1, 0, w_ref.dtype)
-  dw_s[...] += _product(g, hf[rows, :], 1, 0, w_ref.dtype)
-  db_s[...] += jnp.sum(g, axis=1, keepdims=True)
+  for r, a in enumerate(starts):
+    loc, wgt = pl.ds(r * 2 * KS, KS), pl.ds(r * 2 * KS + KS, KS)
+    e0, e1 = dots[r * 2 * KS:r * 2 * KS + KS], dots[r * 2 * KS + KS:(r + 1) * 2 * KS]
+    pos, w = tab_v[loc, :], tab_v[wgt, :]
+    f = pos - jnp.floor(pos)
+    d_loc = w * (e1 - e0) * fac_v[pl.ds(r * KS, KS), :]
+    t = w * ((1.0 - f) * e0 + f * e1)  # weight x d weight
+    g = jnp.concatenate([d_loc, t - w * _over_points(cfg, t, jnp.add)], axis=0)
+    dh_s[rows, a:a + width] += _product(g.T, w_ref[r], 1, 0, w_ref.dtype)
+    dw_s[r] += _product(g, hf[rows, a:a + width], 1, 0, w_ref.dtype)
+    db_s[pl.ds(r * 2 * KS, 2 * KS), :] += jnp.sum(g, axis=1, keepdims=True)

@@ -154,8 +154,9 @@ def test_bad_arguments_are_named(bad, match):
 @pytest.mark.parametrize("name", MODEL_SHAPES)
 def test_compiles_for_a_tpu_chip(name, dtype):
   """Forward and forward+backward of Adaptor-T's call (4 routes x 4 heads, K = 4, gamma and
-  scale) compile for a v5e chip at the model shapes and call the kernels; phi's product and
-  backward leave nothing for XLA but W's layout and d W's sum over the batch."""
+  scale) compile for a v5e chip at the model shapes and call the kernels, which take phi's
+  product and its backward; XLA's cost analysis counts the kernels' bytes (h in, out; h and
+  d out in, dh out) and FLOPs (phi's products at least)."""
   L, G, C = MODEL_SHAPES[name]
   batch, R, K = 2, 4, 4
   S = G // R
@@ -170,6 +171,10 @@ def test_compiles_for_a_tpu_chip(name, dtype):
   assert aot.custom_calls(fwd, "learned_read_fwd")
   assert aot.custom_calls(bwd, "learned_read_bwd")
   assert not aot.custom_calls(bwd, "memory_read")
+  h_bytes = batch * L * G * C * jnp.dtype(dtype).itemsize
+  phi_flops = 2 * batch * L * G * C * 2 * K * S
+  assert aot.cost(fwd)["bytes"] >= 2 * h_bytes and aot.cost(fwd)["flops"] >= phi_flops
+  assert aot.cost(bwd)["bytes"] >= 4 * h_bytes and aot.cost(bwd)["flops"] >= 3 * phi_flops
 
 
 def test_default_blocks_fit_vmem_at_the_model_shapes():

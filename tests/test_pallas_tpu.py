@@ -160,7 +160,8 @@ def one_chip(chip):
 @pytest.mark.parametrize("name", MODEL_SHAPES)
 def test_compiles_for_tpu_chips(name, dtype, chip):
   """Forward and forward+backward compile at the model shapes; the compiled programs call the
-  kernels, and none holds a temporary the size of the (batch, L, D, N) states."""
+  kernels, XLA's cost analysis counts their bytes (it counts a kernel as nothing unless told),
+  and none holds a temporary the size of the (batch, L, D, N) states."""
   shape = MODEL_SHAPES[name]
   device = one_chip(chip)
   args = [jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device) for a in export_args(shape, dtype)]
@@ -175,6 +176,8 @@ def test_compiles_for_tpu_chips(name, dtype, chip):
   assert aot.custom_calls(fwd, "selective_scan_fwd")
   assert aot.custom_calls(bwd, "selective_scan_fwd") and aot.custom_calls(bwd, "selective_scan_bwd")
   batch, length, d_inner, _, n_state = shape
+  moved = 2 * batch * length * d_inner * jnp.dtype(dtype).itemsize  # u and y at least
+  assert aot.cost(fwd)["bytes"] >= moved and aot.cost(bwd)["bytes"] >= 2 * moved
   states = batch * length * d_inner * n_state * 4
   temps = aot.memory(bwd)["temporaries"]
   print(f"\n{name} {jnp.dtype(dtype).name} {chip}: fwd+bwd temporaries {temps / 2**20:.1f} MiB, "

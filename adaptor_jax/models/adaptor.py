@@ -8,13 +8,14 @@ and channel group s it reads K earlier states of that route's scan ("earlier" me
 reverse routes) at fractional locations, by linear interpolation, and adds their weighted sum:
   h'_i = h_i + gamma_r * sum_k c_k h_{p_k},   p_k = clip(i -/+ w_s sigmoid(o_k), 0, L-1),
   w_s = L / 2^(S-1-s),   o = phi_p(h_i),   c = softmax(phi_c(h_i)).
-The read is the op kernels.memory_read (its heads are the (route, group) pairs), which also forms
-h' and multiplies it by the scan's C: it never writes the 2K interpolation taps to memory, and
-keeps neither the read nor h' for the backward (it recomputes the read there).
+phi_p, phi_c, the locations and the read are the op kernels.learned_read (its heads are the
+(route, group) pairs; kernels.memory_read with fixed locations for selection="static"), which
+also forms h' and multiplies it by the scan's C: it never writes the 2K interpolation taps to
+memory, keeps neither the read nor h' for the backward (it recomputes the read there), and on
+TPU takes phi's product and its backward inside the read's kernels.
 """
 import dataclasses
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx

@@ -5,9 +5,9 @@ training code can map them onto its mesh:
   embed   model width C                     mlp      MLP hidden width
   inner   SS2D / Mamba inner width Di       classes  classifier outputs
   route   the four SS2D scan routes         None     never sharded (small axes)
-Six ops are jitted under fixed names (`layer_norm`, `global_avg_pool`, `selective_scan`,
-`memory_read`, `learned_read`, `dilated_dwconvs`, `depthwise_conv3x3`) so the FLOP counter (counting.py) can
-find them in a traced model and count them like fvcore does.
+Seven ops are jitted under fixed names (`layer_norm`, `global_avg_pool`, `selective_scan`,
+`memory_read`, `learned_read`, `dilated_dwconvs`, `depthwise_conv3x3`) so the FLOP counter
+(counting.py) can find them in a traced model and count them like fvcore does.
 """
 import functools
 import math

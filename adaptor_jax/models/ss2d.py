@@ -12,8 +12,8 @@ added once after the merge.
 Adaptor-S acts on the merged y before out_norm. That tail (Adaptor-T, merge, D * u, Adaptor-S) is
 rematerialised in the backward from its inputs h, C (positions last) and the rows sequence of u, all
 kept anyway, the merged y (Adaptor-S's input, a quarter of h), which it keeps so that the read is
-not computed again, and phi's product (kernels.learned.PHI on the xla path, 2SK values per route and position), so that h is
-not laid out for that product again (a VSS block of width 192 at 28 x 28 with both adaptors, v5e,
+not computed again, and phi's product where XLA takes it (kernels.learned.PHI, the xla path: 2SK
+values per route and position), so that h is not laid out for that product again (a VSS block of width 192 at 28 x 28 with both adaptors, v5e,
 batch 32: 1% fewer bytes, the same temporaries). Without the rematerialisation XLA:TPU keeps route-
 sized tensors of every block from the forward to the backward (a transposed copy of h for phi's
 product, float32 copies, the location tables padded to 8 sublanes): the booster's train step took
