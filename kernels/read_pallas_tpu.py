@@ -70,7 +70,8 @@ class BlockSizes:
   and block_l x G for the scale. A VSS block with both adaptors, v5e, batch 32, fwd + bwd, GB
   per image at widths 96 / 192 / 384, when the tables were per-chunk slabs built by XLA:
   0.653 / 0.271 / 0.112 with 32, 0.620 / 0.248 / 0.103 with 128, 0.638 / 0.251 at the first
-  two with 256; with the windows copied from the arguments, 0.599 / 0.242 with 128."""
+  two with 256; with the windows copied from the arguments, 0.599 / 0.242 with 128 (XLA's
+  ops only: the kernels stated no cost then, and XLA counts such a kernel as nothing)."""
   block_l: int = 128
 
 
