@@ -54,7 +54,7 @@ def _check(h, w, b, reach):
   if h.ndim != 4:
     fail(f"h must be (batch, L, G, C), got shape {h.shape}")
   _, _, G, C = h.shape
-  if w.ndim != 3 or G % w.shape[0] or w.shape[1] != G // w.shape[0] * C:
+  if w.ndim != 3 or not w.shape[0] or G % w.shape[0] or w.shape[1] != G // w.shape[0] * C:
     fail(f"w must be (R, S C, 2 K S) with G = R S heads of C = {C} channels (G = {G}), got "
          f"{w.shape}")
   S = G // w.shape[0]

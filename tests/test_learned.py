@@ -133,6 +133,7 @@ def test_auto_backend_exports_the_mosaic_kernels_for_tpu():
     (lambda h, w, b, r: (h[0], w, b, r), r"h must be \(batch, L, G, C\)"),
     (lambda h, w, b, r: (h, w[:, 1:], b, r), r"w must be \(R, S C, 2 K S\)"),
     (lambda h, w, b, r: (h, w[:3], b, r), r"w must be \(R, S C, 2 K S\)"),
+    (lambda h, w, b, r: (h, w[:0], b[:0], r), r"w must be \(R, S C, 2 K S\)"),
     (lambda h, w, b, r: (h, w[..., 1:], b[..., 1:], r), "w's last axis must be 2 K S"),
     (lambda h, w, b, r: (h, w, b[:, :2], r), r"b must be \(R, 2 K S\)"),
     (lambda h, w, b, r: (h, w, b, r[:2]), r"reach must be \(G,\)"),
