@@ -41,7 +41,7 @@ def replaced(parts):
   saved, saved_learned = dict(read.BACKENDS), dict(learned.BACKENDS)
   try:
     if "read" in parts:
-      read.BACKENDS.update(pallas_tpu=_no_read, xla=_no_read)
+      read.BACKENDS.update(pallas_tpu=_no_read, xla=_no_read, cpu=_no_read)
       learned.BACKENDS.update(pallas_tpu=learned.xla)
     if "phi" in parts:
       learned.route_linear = _phi_no_backward

@@ -14,8 +14,9 @@ Gradients: h (through the read and through phi), w, b, gamma and scale; none for
 Backends, each with the signature (h, w, b, reach, gamma, scale) -> out:
   reference   phi as an einsum, then read.reference, autodiff throughout;
   xla         phi as `route_linear` (its own backward, see there), its product checkpoint-named
-              PHI for a rematerialisation policy, then memory_read's xla path (the CPU and GPU
+              PHI for a rematerialisation policy, then memory_read's xla path (the GPU
               default);
+  cpu         the same phi, then memory_read's XLA:CPU kernels (read_cpu.cc; the CPU default);
   pallas_tpu  read_pallas_tpu.learned: phi's product is taken inside the read's kernels, from
               the rows of h they hold in VMEM, and phi's backward inside the read's backward
               kernel, so that neither the logits, nor the locations, nor their gradients reach
@@ -23,8 +24,8 @@ Backends, each with the signature (h, w, b, reach, gamma, scale) -> out:
               kernel's bytes counted; benchmarks/README) moves 0.444 GB per image at width 96
               and 0.223 at 192, where with phi's product and backward by XLA around the read's
               kernels it moved 0.575 and 0.265 (without the adaptor: 0.386 and 0.185).
-"auto" picks pallas_tpu on TPU and xla elsewhere ($ADAPTOR_READ_BACKEND overrides it, as for
-memory_read). Under a mesh the call runs once per shard of the batch (per_shard.py).
+"auto" picks pallas_tpu on TPU, cpu on the CPU and xla elsewhere ($ADAPTOR_READ_BACKEND overrides
+it, as for memory_read). Under a mesh the call runs once per shard of the batch (per_shard.py).
 """
 import jax
 import jax.numpy as jnp
@@ -93,11 +94,16 @@ def reference(h, w, b, reach, gamma=None, scale=None):
   return read.reference(h, pos, weight, gamma, scale)
 
 
-def xla(h, w, b, reach, gamma=None, scale=None):
+def xla(h, w, b, reach, gamma=None, scale=None, read_backend="xla"):
   batch, L, G, C = h.shape
   logits = checkpoint_name(route_linear(h.reshape(batch, L, G * C), w.astype(h.dtype)), PHI)
   pos, weight = locations(logits + b.astype(F32)[:, :, None], reach, G)
-  return read.BACKENDS["xla"](h, pos, weight, gamma, scale)
+  return read.BACKENDS[read_backend](h, pos, weight, gamma, scale)
+
+
+def cpu(h, w, b, reach, gamma=None, scale=None):
+  """XLA's phi as in `xla`, then memory_read's XLA:CPU kernels."""
+  return xla(h, w, b, reach, gamma, scale, read_backend="cpu")
 
 
 def pallas_tpu(h, w, b, reach, gamma=None, scale=None, **kwargs):
@@ -106,7 +112,7 @@ def pallas_tpu(h, w, b, reach, gamma=None, scale=None, **kwargs):
   return read_pallas_tpu.learned(h, w, b, reach, gamma, scale, **kwargs)
 
 
-BACKENDS = {"reference": reference, "xla": xla, "pallas_tpu": pallas_tpu}
+BACKENDS = {"reference": reference, "xla": xla, "cpu": cpu, "pallas_tpu": pallas_tpu}
 
 
 @jax.custom_vjp

@@ -73,7 +73,7 @@ def pallas_interpret(block_l):
   return functools.partial(read.pallas_tpu, interpret=INTERPRET, block_l=block_l)
 
 
-BACKENDS = {"xla": read.xla, "pallas_tpu": pallas_interpret(128)}
+BACKENDS = {"xla": read.xla, "cpu": read.cpu, "pallas_tpu": pallas_interpret(128)}
 CASES = {  # name: make_inputs kwargs
     "L136_ragged": dict(batch=1, length=136, groups=2, points=1),  # chunks of 128 and 8
     "L37_reverse": dict(batch=2, groups=1, points=3, reverse=True),
@@ -181,12 +181,13 @@ def test_gradients_match_finite_differences():
     np.testing.assert_allclose(grad[index], numeric, rtol=1e-3, atol=1e-4)
 
 
-def test_xla_keeps_no_tap_tensor_for_the_backward():
-  """The residuals of the xla path are its inputs: nothing of size 2K x h is saved, and
-  neither the read nor h'."""
+@pytest.mark.parametrize("backend", ["xla", "cpu"])
+def test_keeps_no_tap_tensor_for_the_backward(backend):
+  """The residuals of the xla path and the CPU kernels are their inputs: nothing of size
+  2K x h is saved, and neither the read nor h'."""
   args = make_inputs(0, batch=2, length=64, groups=4, channels=16, points=4, gamma=True,
                      scale=True)
-  _, vjp = jax.vjp(read.xla, *args)
+  _, vjp = jax.vjp(BACKENDS[backend], *args)
   residuals = jax.tree.leaves(vjp)
   assert max(x.size for x in residuals) <= args[0].size
   assert sum(x.size == args[0].size for x in residuals) == 1, "only h itself is h-sized"
@@ -195,13 +196,24 @@ def test_xla_keeps_no_tap_tensor_for_the_backward():
 def test_auto_backend_and_environment_override(monkeypatch):
   h, pos, weight = make_inputs(1)
   text = jax.jit(kernels.memory_read).lower(h, pos, weight).as_text()
-  assert "tpu_custom_call" not in text  # the CPU gets the xla path
+  assert "tpu_custom_call" not in text and "adaptor_read_fwd" in text  # the CPU kernels
   want = read.reference(h, pos, weight)
   monkeypatch.setenv(read.ENV_VAR, "reference")
   assert rel_err(kernels.memory_read(h, pos, weight), want) <= FWD_TOL
   monkeypatch.setenv(read.ENV_VAR, "nonsense")
   with pytest.raises(ValueError, match="unknown backend 'nonsense'"):
     kernels.memory_read(h, pos, weight)
+
+
+def test_cpu_kernels_not_built_is_named(monkeypatch):
+  """Without the compiled library the CPU backend says what to run, where it would lower for
+  the CPU; traced on another host (auto's unused branch) it is left to that host's lowering."""
+  from kernels import read_cpu  # noqa: PLC0415
+  monkeypatch.setattr(read_cpu, "register", lambda: False)
+  with pytest.raises(RuntimeError, match=r"not built; run `pip install -e \.`"):
+    read.cpu(*make_inputs(2))
+  monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+  jax.make_jaxpr(read.cpu)(*make_inputs(2))
 
 
 def test_auto_backend_exports_the_mosaic_kernels_for_tpu():
