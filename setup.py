@@ -13,4 +13,4 @@ headers = os.path.join(jaxlib.submodule_search_locations[0], "include")
 setup(ext_modules=[Extension(
     "kernels._read_cpu", ["kernels/read_cpu.cc"], language="c++",
     # a plain shared library that read_cpu.py loads with ctypes: it defines no Python module
-    extra_compile_args=["-O3", "-std=c++17", "-isystem", headers])])
+    extra_compile_args=["-O3", "-g0", "-std=c++17", "-isystem", headers])])
