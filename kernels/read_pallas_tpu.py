@@ -10,19 +10,15 @@ Layout: h as it comes, (batch, L, G x C) with the G heads side by side in the la
 transpose, and no padding of a head's C channels to 128 lanes). Both kernels run on a grid
 (split, image, L chunk): two halves of the batch (a megacore chip's two cores; one half for an
 odd batch), then their images and chunks in sequence. The image's whole sequence h[b]
-(L, G x C) stays in VMEM across its chunks (cast once to float32 scratch). Per chunk, its positions' tables sit in
-SMEM, where the scalar unit reads them: the location and weight of every (point, head), and the
-scale of every head. Each comes positions last, (rows, chunk), and is one of:
+(L, G x C) stays in VMEM across its chunks (cast once to float32 scratch). Per chunk, its
+positions' tables sit in SMEM, where the scalar unit reads them: the location and weight of
+every (point, head), and the scale of every head. Each comes positions last, (rows, chunk), and is one of:
 * an argument as it comes (memory_read's pos and weight; the scale): the kernel copies its
   chunk's window of block_l columns (a multiple of 128 lanes) to SMEM, so XLA builds no tables
   and no per-chunk slabs, except one for a ragged last chunk (its columns padded to block_l);
-* made in VMEM (learned_read): phi's product of the chunk's rows of h on the MXU, route by
-  route (W_r (2 K S, window) . h[chunk, window]^T over the whole lane tiles that hold the
-  route's D channels: 1.33x the route's FLOPs for D = 192, where one product with a dense
-  (2 K G, G C) W took 4x), then the sigmoid, clip and softmax (over the points: sublane rolls
-  within a route's rows), copied VMEM -> SMEM. Its rows are route-major, (route, location or
-  weight, point, head), as b has them. phi's product never reaches HBM, nor do the
-  locations, nor (backward) their gradients.
+* made in VMEM (learned_read): phi's product of the chunk's rows of h on the MXU, then the
+  sigmoid, clip and softmax, copied VMEM -> SMEM (phi_pallas_tpu.py). phi's product never
+  reaches HBM, nor do the locations, nor (backward) their gradients.
 The scalar unit takes each location's two rows and fraction from its table (`read.taps`'
 arithmetic). The kernels address one row of h per tap, over the 128-lane window that holds the
 tap's head; a lane mask keeps the head's channels:
@@ -56,10 +52,10 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from kernels import phi_pallas_tpu
 from kernels.read import taps
 
 F32 = jnp.float32
-HIGHEST = jax.lax.Precision.HIGHEST
 VMEM_LIMIT_BYTES = 96 * 2**20  # above Mosaic's 16 MiB default when the whole image needs it
 
 
@@ -219,7 +215,7 @@ def learned(h, w, b, reach, gamma=None, scale=None, *, interpret=False, block_l=
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _learned(cfg, h, w, b, reach, gamma, scale):
   out = _forward(cfg, _tables(cfg, None, None, scale), _lanes(h), _gamma_row(cfg, gamma),
-                 _phi_args(cfg, w, b, reach, h.dtype))
+                 phi_pallas_tpu.args(cfg, w, b, reach, h.dtype))
   return out.reshape(h.shape)
 
 
@@ -230,7 +226,7 @@ def _learned_fwd(cfg, h, w, b, reach, gamma, scale):
 def _learned_bwd(cfg, res, d_out):
   h, w, b, reach, gamma, scale = res
   out = _backward(cfg, _tables(cfg, None, None, scale), _lanes(h), _lanes(d_out),
-                  _gamma_row(cfg, gamma), _phi_args(cfg, w, b, reach, h.dtype))
+                  _gamma_row(cfg, gamma), phi_pallas_tpu.args(cfg, w, b, reach, h.dtype))
   d_scale = None
   if scale is not None:
     d_scale = out["dots"][:, :, :cfg.length].astype(scale.dtype)
@@ -240,15 +236,6 @@ def _learned_bwd(cfg, res, d_out):
 
 
 _learned.defvjp(_learned_fwd, _learned_bwd)
-
-
-def _phi_args(cfg, w, b, reach, dtype):
-  """Each route's W in its lane window (R, 2 K S, window) in h's dtype (the MXU's operands, as
-  XLA's product of h would have them); b as a column (R 2 K S, 1), phi's rows route-major
-  as b has them; the reach of each location row (r, k, s) as a column (K G, 1)."""
-  R, K, S = cfg.routes, cfg.points, cfg.heads // cfg.routes
-  reach_rows = jnp.broadcast_to(reach.astype(F32).reshape(R, 1, S), (R, K, S))
-  return w.astype(dtype), b.astype(F32).reshape(cfg.logits, 1), reach_rows.reshape(R * K * S, 1)
 
 
 def _lanes(x_BLGC):
@@ -422,64 +409,11 @@ def _chunk_start(cfg):
   return 0 if cfg.n_chunks == 1 else pl.multiple_of(_ids(cfg)[1] * cfg.block_l, 128)
 
 
-def _phi_tables(cfg, hf, phi_refs, tab_v, smem, sem, fac_v=None):
-  """The chunk's locations and weights from phi's product of its rows of h, route by route:
-  tab_v (2 K G, chunk_lanes) in VMEM, rows (route, location or weight, point, head of the
-  route), copied to SMEM; fac_v (K G, chunk_lanes), rows (route, point, head), when given:
-  d location / d logit (the reach times the sigmoid's derivative, 0 where the clip holds)."""
-  w_ref, b_ref, reach_ref = phi_refs
-  n, KS, S = cfg.chunk_lanes, cfg.route_rows // 2, cfg.heads // cfg.routes
-  width, starts = cfg.route_window
-  first = _chunk_start(cfg)
-  i = (first + jax.lax.broadcasted_iota(jnp.int32, (1, n), 1)).astype(F32)
-  for r, a in enumerate(starts):
-    rows = pl.ds(r * 2 * KS, 2 * KS)
-    logits = _product(w_ref[r], hf[pl.ds(first, n), a:a + width], 1, 1, w_ref.dtype)
-    logits = logits + b_ref[rows, :]
-    move = 1.0 / (1.0 + jnp.exp(-logits[:KS]))
-    reach = reach_ref[pl.ds(r * KS, KS), :]
-    x = i + reach * move
-    tab_v[pl.ds(r * 2 * KS, KS), :] = jnp.clip(x, 0.0, cfg.length - 1.0)
-    weights = logits[KS:]  # softmax over the points: rows k S + s, k's peers S rows apart
-    ex = jnp.exp(weights - _over_points(cfg, weights, jnp.maximum))
-    tab_v[pl.ds(r * 2 * KS + KS, KS), :] = ex / _over_points(cfg, ex, jnp.add)
-    if fac_v is not None:
-      inside = (x > 0.0) & (x < cfg.length - 1.0)
-      fac_v[pl.ds(r * KS, KS), :] = jnp.where(inside, reach * move * (1.0 - move), 0.0)
-  copy = pltpu.make_async_copy(tab_v, smem[0], sem.at[0])
-  copy.start()
-  copy.wait()
-
-
-def _over_points(cfg, x, op):
-  """op over the K points of each head of a route's (K S, lanes) rows (k S + s), in every row:
-  the rows rolled by S, 2S, ... combined."""
-  S = cfg.heads // cfg.routes
-  out = x
-  for k in range(1, cfg.points):
-    out = op(out, pltpu.roll(x, k * S, 0))
-  return out
-
-
-def _phi_row(cfg, g, k):
-  """The table row of head g's location k (its weight is K S rows further)."""
-  S = cfg.heads // cfg.routes
-  return g // S * cfg.route_rows + k * S + g % S
-
-
-def _product(a, b, a_axis, b_axis, dtype):
-  """a . b over the given axes on the MXU, float32 results: operands in `dtype` (h's, as XLA's
-  product of h would have them), at full precision when that is float32."""
-  return jax.lax.dot_general(a.astype(dtype), b.astype(dtype), (((a_axis,), (b_axis,)), ((), ())),
-                             precision=HIGHEST if dtype == F32 else None,
-                             preferred_element_type=F32)
-
-
 def _tap(cfg, tables_s, t, g, k):
   """Tap (g, k) of the chunk's position t: its two rows, their weights (scale not included);
   the rows and the fraction as `read.taps` gives them."""
   if cfg.phi:
-    e = _phi_row(cfg, g, k)
+    e = phi_pallas_tpu.row(cfg, g, k)
     p, wk = tables_s[0][e, t], tables_s[0][e + cfg.route_rows // 2, t]
   else:
     e = k * cfg.heads + g
@@ -543,7 +477,7 @@ def _fwd_kernel(cfg, *refs):
   hf = _image_f32(cfg, h_ref, hf_s)
   _load_tables(cfg, tables_hbm, tables_s, sem)
   if cfg.phi:
-    _phi_tables(cfg, hf, phi_refs, tab_v, tables_s, sem)
+    phi_pallas_tpu.tables(cfg, hf, _chunk_start(cfg), phi_refs, tab_v, tables_s, sem)
   windows = _head_windows(cfg)
   first = _ids(cfg)[1] * cfg.block_l
 
@@ -617,7 +551,8 @@ def _bwd_kernel(cfg, *refs):
   hf = _image_f32(cfg, h_ref, hf_s)
   _load_tables(cfg, tables_hbm, tables_s, sem)
   if cfg.phi:
-    _phi_tables(cfg, hf, phi_refs, phi_s[0], tables_s, sem, fac_v=phi_s[1])
+    phi_pallas_tpu.tables(cfg, hf, _chunk_start(cfg), phi_refs, phi_s[0], tables_s, sem,
+                          fac_v=phi_s[1])
   windows = _head_windows(cfg)
 
   @pl.when(c == 0)
@@ -676,7 +611,8 @@ def _bwd_kernel(cfg, *refs):
     valid = jax.lax.broadcasted_iota(jnp.int32, (1, cfg.chunk_lanes), 1) < lim
     if cfg.scale:
       dots_ref[...] = jnp.where(valid, dots[2 * G * K:2 * G * K + G], 0.0)
-    _phi_backward(cfg, hf, phi_refs[0], phi_s, dh_s, jnp.where(valid, dots[:2 * G * K], 0.0))
+    phi_pallas_tpu.backward(cfg, hf, _chunk_start(cfg), phi_refs[0], phi_s, dh_s,
+                            jnp.where(valid, dots[:2 * G * K], 0.0))
 
   @pl.when(c == cfg.n_chunks - 1)
   def _():
@@ -695,29 +631,6 @@ def _dot_lanes(cfg, g, k):
   (row, point, head) for memory_read, in the rows of phi's table (location and weight rows)
   for learned_read."""
   if cfg.phi:
-    e = _phi_row(cfg, g, k)
+    e = phi_pallas_tpu.row(cfg, g, k)
     return e, e + cfg.route_rows // 2
   return k * cfg.heads + g, cfg.heads * cfg.points + k * cfg.heads + g
-
-
-def _phi_backward(cfg, hf, w_ref, phi_s, dh_s, dots):
-  """Route by route: the chunk's d logits g (2 K S, chunk_lanes) from its dots <h[p0], d read>
-  and <h[p1], d read> (in the location and weight rows of phi's table) through the clip and
-  sigmoid (locations) and the softmax over the points (weights); then phi's backward:
-  dh[chunk, window] += g^T W, d W += g h[chunk, window], d b += the sum of g."""
-  tab_v, fac_v, dw_s, db_s = phi_s
-  KS = cfg.route_rows // 2
-  width, starts = cfg.route_window
-  first = _chunk_start(cfg)
-  rows = pl.ds(first, cfg.chunk_lanes)
-  for r, a in enumerate(starts):
-    loc, wgt = pl.ds(r * 2 * KS, KS), pl.ds(r * 2 * KS + KS, KS)
-    e0, e1 = dots[r * 2 * KS:r * 2 * KS + KS], dots[r * 2 * KS + KS:(r + 1) * 2 * KS]
-    pos, w = tab_v[loc, :], tab_v[wgt, :]
-    f = pos - jnp.floor(pos)
-    d_loc = w * (e1 - e0) * fac_v[pl.ds(r * KS, KS), :]
-    t = w * ((1.0 - f) * e0 + f * e1)  # weight x d weight
-    g = jnp.concatenate([d_loc, t - w * _over_points(cfg, t, jnp.add)], axis=0)
-    dh_s[rows, a:a + width] += _product(g.T, w_ref[r], 1, 0, w_ref.dtype)
-    dw_s[r] += _product(g, hf[rows, a:a + width], 1, 0, w_ref.dtype)
-    db_s[pl.ds(r * 2 * KS, 2 * KS), :] += jnp.sum(g, axis=1, keepdims=True)
