@@ -94,16 +94,20 @@ def reference(h, w, b, reach, gamma=None, scale=None):
   return read.reference(h, pos, weight, gamma, scale)
 
 
-def xla(h, w, b, reach, gamma=None, scale=None, read_backend="xla"):
-  batch, L, G, C = h.shape
-  logits = checkpoint_name(route_linear(h.reshape(batch, L, G * C), w.astype(h.dtype)), PHI)
-  pos, weight = locations(logits + b.astype(F32)[:, :, None], reach, G)
-  return read.BACKENDS[read_backend](h, pos, weight, gamma, scale)
+def xla(h, w, b, reach, gamma=None, scale=None):
+  return read.BACKENDS["xla"](h, *_xla_phi(h, w, b, reach), gamma, scale)
 
 
 def cpu(h, w, b, reach, gamma=None, scale=None):
   """XLA's phi as in `xla`, then memory_read's XLA:CPU kernels."""
-  return xla(h, w, b, reach, gamma, scale, read_backend="cpu")
+  return read.BACKENDS["cpu"](h, *_xla_phi(h, w, b, reach), gamma, scale)
+
+
+def _xla_phi(h, w, b, reach):
+  """(pos, weight) from phi's product by XLA (route_linear, checkpoint-named PHI)."""
+  batch, L, G, C = h.shape
+  logits = checkpoint_name(route_linear(h.reshape(batch, L, G * C), w.astype(h.dtype)), PHI)
+  return locations(logits + b.astype(F32)[:, :, None], reach, G)
 
 
 def pallas_tpu(h, w, b, reach, gamma=None, scale=None, **kwargs):
