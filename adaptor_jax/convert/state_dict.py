@@ -10,14 +10,15 @@ is `cli(module)`:
   python -m adaptor_jax.convert.FAMILY --export --input=DIR --checkpoint=OUT.pth|.npz
 """
 import argparse
+import io
 import json
-import os
 
 import jax
 import numpy as np
 from absl import app, flags
 from flax import nnx
 
+from adaptor_jax import errors, paths
 from adaptor_jax.models import registry
 
 same = (lambda w: w, lambda p: p)
@@ -70,22 +71,25 @@ def dump(model, entries):
 
 def read_checkpoint(path, key="model"):
   """The state dict in a torch checkpoint (under `key` when it is a wrapper dict), a .safetensors
-  file or an .npz."""
-  if path.endswith(".npz"):
-    with np.load(path) as f:
+  file or an .npz; `path` may be a URL (read whole into memory)."""
+  path = paths.resolve(path, "--checkpoint")
+  if not path.is_file():
+    raise FileNotFoundError(f"{path}: no such file")
+  if path.suffix == ".npz":
+    with np.load(io.BytesIO(path.read_bytes())) as f:
       return {k: f[k] for k in f.files}
   try:
     import torch  # optional: pip install -e '.[convert]'
   except ImportError as e:
     raise ImportError(f"reading {path} needs torch: pip install -e '.[convert]', or convert it "
                       "to .npz where torch is available") from e
-  if path.endswith(".safetensors"):
-    from safetensors.torch import load_file  # noqa: PLC0415 - optional, comes with the extra
-    ckpt = load_file(path)
+  if path.suffix == ".safetensors":
+    from safetensors.torch import load  # noqa: PLC0415 - optional, comes with the extra
+    ckpt = load(path.read_bytes())
   else:
     # training checkpoints (DeiT-style main.py: Vim, ...) also hold the run's argparse args
     with torch.serialization.safe_globals([argparse.Namespace]):
-      ckpt = torch.load(path, map_location="cpu", weights_only=True)
+      ckpt = torch.load(io.BytesIO(path.read_bytes()), map_location="cpu", weights_only=True)
   if key in ckpt and isinstance(ckpt[key], dict):
     ckpt = ckpt[key]
   elif any(isinstance(v, dict) for v in ckpt.values()):
@@ -94,36 +98,42 @@ def read_checkpoint(path, key="model"):
 
 
 def write_checkpoint(path, state_dict):
-  """An .npz, or a torch checkpoint {"model": state dict}."""
-  if path.endswith(".npz"):
-    np.savez(path, **state_dict)
-    return
-  import torch  # optional
-  torch.save({"model": {k: torch.from_numpy(np.ascontiguousarray(v))
-                        for k, v in state_dict.items()}}, path)
+  """An .npz, or a torch checkpoint {"model": state dict}; `path` may be a URL."""
+  path = paths.resolve(path, "--checkpoint")
+  buffer = io.BytesIO()
+  if path.suffix == ".npz":
+    np.savez(buffer, **state_dict)
+  else:
+    import torch  # noqa: PLC0415 - optional
+    torch.save({"model": {k: torch.from_numpy(np.ascontiguousarray(v))
+                          for k, v in state_dict.items()}}, buffer)
+  if not paths.is_url(path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_bytes(buffer.getvalue())
 
 
 def save(model, name, directory):
-  """An orbax checkpoint of the params and model.json ({"model": name, "num_classes": ...})."""
-  import orbax.checkpoint as ocp
-  directory = os.path.abspath(directory)
+  """An orbax checkpoint of the params and model.json ({"model": name, "num_classes": ...});
+  `directory` may be a URL."""
+  import orbax.checkpoint as ocp  # noqa: PLC0415
+  directory = paths.resolve(directory, "--output")
+  paths.check_bucket(directory, "--output")
   with ocp.StandardCheckpointer() as ckptr:
-    ckptr.save(os.path.join(directory, "params"), nnx.state(model, nnx.Param))
-  with open(os.path.join(directory, "model.json"), "w") as f:
-    json.dump(dict(model=name, num_classes=int(model.head.out_features)), f)
+    ckptr.save(directory / "params", nnx.state(model, nnx.Param))
+  paths.write_text(directory / "model.json",
+                   json.dumps(dict(model=name, num_classes=int(model.head.out_features))))
 
 
 def restore(directory, **overrides):
-  """The model saved by `save` in `directory`."""
-  import orbax.checkpoint as ocp
-  directory = os.path.abspath(directory)
-  with open(os.path.join(directory, "model.json")) as f:
-    meta = json.load(f)
+  """The model saved by `save` in `directory` (a path or URL)."""
+  import orbax.checkpoint as ocp  # noqa: PLC0415
+  directory = paths.resolve(directory)
+  meta = json.loads((directory / "model.json").read_text())
   model = nnx.eval_shape(lambda: registry.create_model(
       meta["model"], num_classes=meta["num_classes"], rngs=nnx.Rngs(0), **overrides))
   target = nnx.state(model, nnx.Param)
   with ocp.StandardCheckpointer() as ckptr:
-    nnx.update(model, ckptr.restore(os.path.join(directory, "params"), target))
+    nnx.update(model, ckptr.restore(directory / "params", target))
   return model
 
 
@@ -146,7 +156,7 @@ def _one_line(family, f):
   one line (exit 1) instead of a traceback."""
   try:
     _main(family, f)
-  except (ValueError, OSError, ImportError) as e:
+  except (errors.UserError, ValueError, OSError, ImportError) as e:
     raise SystemExit(f"{family.FAMILY} converter: {e}") from None
 
 

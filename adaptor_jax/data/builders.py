@@ -32,12 +32,14 @@ import io
 import os
 import re
 import shutil
+import tempfile
 
 import numpy as np
 import tensorflow_datasets as tfds
 from absl import app, flags, logging
 from etils import epath
 
+from adaptor_jax import paths
 from adaptor_jax.data import transforms
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
@@ -107,8 +109,12 @@ def _builder_class(name, version=DEFAULT_VERSION):
 
 
 @contextlib.contextmanager
-def _lock(data_dir, name):
-  """An exclusive file lock so concurrent processes don't build the same dataset twice."""
+def _lock(name, data_dir):
+  """An exclusive file lock so concurrent processes don't build the same dataset twice. None for
+  a URL data_dir: processes that race there build the same files locally and copy them."""
+  if paths.is_url(data_dir):
+    yield
+    return
   os.makedirs(data_dir, exist_ok=True)
   with open(os.path.join(data_dir, f".{name}.lock"), "w") as f:
     fcntl.flock(f, fcntl.LOCK_EX)
@@ -116,6 +122,26 @@ def _lock(data_dir, name):
       yield
     finally:
       fcntl.flock(f, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def _staged(name, data_dir, version):
+  """Yields the local data_dir to write `name`/`version` in: data_dir itself, or for a URL a
+  local temporary one whose version directory is then copied into the bucket (replacing what
+  is there), dataset_info.json last: a reader never takes a partial copy for a dataset."""
+  if not paths.is_url(data_dir):
+    yield data_dir
+    return
+  with tempfile.TemporaryDirectory(prefix="adaptor_jax-build-") as local:
+    yield local
+    built, dest = epath.Path(_version_dir(name, local, version)), _version_dir(name, data_dir,
+                                                                                version)
+    if dest.exists():
+      dest.rmtree()
+    for f in sorted(built.iterdir(), key=lambda f: f.name == "dataset_info.json"):
+      with f.open("rb") as src, (dest / f.name).open("wb") as out:
+        shutil.copyfileobj(src, out, 16 << 20)
+    logging.info("Copied %s/%s into %s", name, version, dest)
 
 
 def _prepare(builder):
@@ -126,10 +152,9 @@ def _prepare(builder):
 
 
 def write(name, data_dir, features, examples, description, version=DEFAULT_VERSION):
-  """Writes `examples` ({split: iterable of (key, example)}) as `name`/`version` in data_dir.
-
-  Files of that version already there are removed first (else TFDS would reuse them).
-  """
+  """Writes `examples` ({split: iterable of (key, example)}) as `name`/`version` in the local
+  data_dir. Files of that version already there are removed first (else TFDS would reuse
+  them)."""
   if os.path.isdir(_version_dir(name, data_dir, version)):
     shutil.rmtree(_version_dir(name, data_dir, version))
   return _prepare(_builder_class(name, version)(
@@ -137,33 +162,32 @@ def write(name, data_dir, features, examples, description, version=DEFAULT_VERSI
       description=description))
 
 
-def _read_only(name, data_dir, version=DEFAULT_VERSION):
-  """The prepared dataset `name` under `data_dir`, read from its files."""
-  return tfds.builder_from_directory(_version_dir(name, data_dir, version))
-
-
 def _version_dir(name, data_dir, version=DEFAULT_VERSION):
-  return os.path.join(os.path.expanduser(data_dir), name, str(version))
+  return paths.resolve(data_dir, "--data_dir") / name / str(version)
 
 
 def _is_prepared(name, data_dir, version=DEFAULT_VERSION):
-  return os.path.exists(os.path.join(_version_dir(name, data_dir, version), "dataset_info.json"))
+  return (_version_dir(name, data_dir, version) / "dataset_info.json").exists()
 
 
-def _default_data_dir(data_dir):
-  return os.path.expanduser(data_dir) if data_dir else tfds.core.constants.DATA_DIR
+def data_dir_of(data_dir):
+  """`data_dir` (a path or URL; "" or None: TFDS' default) as a string TFDS takes."""
+  return str(paths.resolve(data_dir or tfds.core.constants.DATA_DIR, "--data_dir"))
 
 
 def build_once(name, version, data_dir, overwrite, write, *args):
-  """Under the lock, calls `write(data_dir, *args)` unless `name`/`version` is prepared there
-  (or `overwrite`); returns a read-only builder of the prepared dataset."""
-  data_dir = _default_data_dir(data_dir)
-  with _lock(data_dir, name):
+  """Under the lock, calls `write(local_data_dir, *args)` unless `name`/`version` is prepared in
+  data_dir (or `overwrite`); for a URL data_dir it writes locally and copies the result there.
+  Returns a read-only builder of the prepared dataset."""
+  data_dir = data_dir_of(data_dir)
+  paths.check_bucket(data_dir, "--data_dir")
+  with _lock(name, data_dir):
     if overwrite or not _is_prepared(name, data_dir, version):
-      write(data_dir, *args)
+      with _staged(name, data_dir, version) as local:
+        write(local, *args)
     else:
       logging.info("Reusing %s in %s", name, data_dir)
-  return _read_only(name, data_dir, version)
+  return tfds.builder_from_directory(os.fspath(_version_dir(name, data_dir, version)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -198,22 +222,21 @@ def _png_rgb(gray_u8):
 
 
 def build_digits(data_dir=None):
-  """Prepares `digits` under `data_dir` (TFDS default when None) unless it is there already.
+  """Prepares `digits` under `data_dir` (a path or URL; TFDS default when None) unless it is
+  there already. Returns a read-only builder of the prepared dataset. file_name is
+  "<sklearn index>.png"."""
+  return build_once(DIGITS_NAME, DEFAULT_VERSION, data_dir, False, _write_digits)
 
-  Returns a read-only builder of the prepared dataset. file_name is "<sklearn index>.png".
-  """
-  data_dir = _default_data_dir(data_dir)
-  with _lock(data_dir, DIGITS_NAME):
-    if not _is_prepared(DIGITS_NAME, data_dir):
-      images, labels, train_idx, val_idx = digits_arrays()
-      rows = lambda idx: _file_examples(
-          (f"{i:04d}.png", int(labels[i]), _png_rgb(images[i])) for i in idx)
-      write(DIGITS_NAME, data_dir, _features([str(c) for c in range(10)]),
-             {"train": rows(train_idx), "validation": rows(val_idx)},
-             "scikit-learn's handwritten digits (UCI optdigits test set), 8x8, RGB PNG.")
-      logging.info("Built %s in %s: %d train, %d validation", DIGITS_NAME, data_dir,
-                   len(train_idx), len(val_idx))
-  return _read_only(DIGITS_NAME, data_dir)
+
+def _write_digits(data_dir):
+  images, labels, train_idx, val_idx = digits_arrays()
+  rows = lambda idx: _file_examples(
+      (f"{i:04d}.png", int(labels[i]), _png_rgb(images[i])) for i in idx)
+  write(DIGITS_NAME, data_dir, _features([str(c) for c in range(10)]),
+        {"train": rows(train_idx), "validation": rows(val_idx)},
+        "scikit-learn's handwritten digits (UCI optdigits test set), 8x8, RGB PNG.")
+  logging.info("Built %s in %s: %d train, %d validation", DIGITS_NAME, data_dir,
+               len(train_idx), len(val_idx))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -58,9 +58,10 @@ import jax
 import numpy as np
 import tensorflow_datasets as tfds
 from absl import flags, logging
+from etils import epath
 from google.protobuf import message as proto_message
 
-from adaptor_jax import errors
+from adaptor_jax import errors, paths
 from adaptor_jax.data import builders, catalog, transforms
 from adaptor_jax.data.config import default_data_config  # noqa: F401 - the knobs of `cfg`
 
@@ -112,13 +113,14 @@ def open_builder(cfg):
   Raises FileNotFoundError, saying how to prepare the dataset, when it is not there.
   """
   name, data_dir = cfg.name, cfg.data_dir
-  if data_dir:
-    data_dir = os.path.expanduser(data_dir)
   if name == builders.DIGITS_NAME:
     return builders.build_digits(data_dir)
-  if data_dir and not os.path.isdir(data_dir):
-    raise FileNotFoundError(f"config.data.data_dir={data_dir!r} does not exist. "
-                            + _how_to_prepare(name, data_dir))
+  if data_dir:
+    data_dir = str(paths.resolve(data_dir, "config.data.data_dir"))
+    paths.check_bucket(data_dir, "config.data.data_dir")
+    if not epath.Path(data_dir).is_dir():
+      raise FileNotFoundError(f"config.data.data_dir={data_dir!r} does not exist. "
+                              + _how_to_prepare(name, data_dir))
   try:
     builder = tfds.builder(name, data_dir=data_dir)
   except tfds.core.registered.DatasetNotFoundError:

@@ -7,10 +7,11 @@ A workdir holds `checkpoints/<step>/` with one item per concern:
   config   the run's ConfigDict as JSON
 Saves are async; the last `config.keep` steps are kept, plus the best by validation EMA top-1
 (top1 in the metrics: EMA's when kept, else raw). Arrays are saved with their shardings and
-can be restored onto any devices (loader.py).
+can be restored onto any devices (loader.py). The workdir may be a bucket (paths.py): orbax
+writes arrays through TensorStore and the rest through etils.epath; on several hosts every
+process writes its own shards and data iterator state into the one step directory.
 """
 import contextlib
-import os
 import time
 
 import grain
@@ -18,7 +19,7 @@ import jax
 import orbax.checkpoint as ocp
 from absl import logging
 
-from adaptor_jax import errors
+from adaptor_jax import errors, paths
 
 ITEMS = ("params", "ema", "opt", "data", "config")
 
@@ -28,16 +29,20 @@ def best_metric(metrics):
 
 
 def manager(workdir, config=None, read_only=False):
+  """The run's CheckpointManager on `workdir`/checkpoints (workdir: a path or URL)."""
   policies = ocp.checkpoint_managers
   keep = config.keep if config is not None else 1
   options = ocp.CheckpointManagerOptions(
       enable_async_checkpointing=True, create=not read_only, read_only=read_only,
+      # a step a killed run left unfinished (in a bucket: objects without the commit marker,
+      # e.g. an old step half deleted) is removed when the run starts again
+      cleanup_tmp_directories=not read_only,
       preservation_policy=policies.AnyPreservationPolicy([
           policies.LatestN(keep),
           policies.BestN(get_metric_fn=best_metric, n=1, keep_checkpoints_without_metrics=False),
       ]))
-  return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
-                               item_names=ITEMS, options=options)
+  return ocp.CheckpointManager(paths.resolve(workdir) / "checkpoints", item_names=ITEMS,
+                               options=options)
 
 
 def save(mngr, state, data_iter, config, metrics=None):
@@ -65,7 +70,7 @@ def restore(mngr, step, abstract_state, shardings, data_iter):
   items["data"] = grain.checkpoint.CheckpointRestore(data_iter)  # last: only a readable step
   got = {}                                                      # moves the iterator
   for name, args in items.items():  # one by one, so a failure names its item
-    with reading(os.path.join(str(mngr.directory), str(step), name)):
+    with reading(mngr.directory / str(step) / name):
       got[name] = mngr.restore(step, args=ocp.args.Composite(**{name: args}))[name]
   return dict(step=got["opt"]["step"], params=got["params"], opt=got["opt"]["opt"],
               ema=got.get("ema"))
@@ -95,12 +100,15 @@ def _set_aside(mngr, steps):
   longer lists them and the run can save those steps again."""
   if jax.process_index() == 0:
     for step in steps:
-      path = os.path.join(str(mngr.directory), str(step))
-      aside = f"{path}.damaged"
-      if os.path.exists(aside):
-        aside = f"{aside}.{int(time.time())}"
-      os.rename(path, aside)
+      path = mngr.directory / str(step)
+      aside = path.with_name(f"{step}.damaged")
+      if aside.exists():
+        aside = path.with_name(f"{step}.damaged.{int(time.time())}")
+      path.rename(aside)
       logging.warning("moved the damaged checkpoint %s to %s", path, aside)
+  if jax.process_count() > 1:  # every process lists the steps after process 0 moved them
+    from jax.experimental import multihost_utils  # noqa: PLC0415
+    multihost_utils.sync_global_devices("adaptor_jax: damaged checkpoints set aside")
   mngr.reload()
 
 

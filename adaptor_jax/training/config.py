@@ -12,7 +12,7 @@ refuses unknown keys and wrong types); `validate` checks the values, naming the 
 """
 import ml_collections
 
-from adaptor_jax import errors
+from adaptor_jax import errors, paths
 from adaptor_jax.data import config as data_config, transforms
 from adaptor_jax.models import common, registry, vmamba
 
@@ -34,7 +34,7 @@ def default_config():
   c.dtype = "bfloat16"            # compute dtype (params, optimizer state and EMA stay float32)
   c.scan_backend = "auto"         # kernels.selective_scan backend
   c.remat = "none"                # per block: none | full | matmuls (models/common.py REMAT)
-  c.init_from = ""                # a checkpoint dir (ours or a converted VMamba) to start from
+  c.init_from = ""                # a checkpoint dir or URL (ours or a converted VMamba) to start from
   # The data (adaptor_jax.data.config documents each field).
   c.data = data_config.default_data_config()
   c.num_classes = -1              # -1: the dataset's number of classes
@@ -64,7 +64,8 @@ def default_config():
   c.eval_batch_size = 1024        # global
   c.checkpoint_every = 2000       # steps between (async) checkpoints; one is always written at the end
   c.keep = 3                      # the last `keep` checkpoints are kept, plus the best by EMA top-1
-  c.compile_cache = "~/.cache/adaptor_jax/xla"  # persistent XLA compilation cache; "" disables
+  c.compile_cache = "~/.cache/adaptor_jax/xla"  # persistent XLA compilation cache (a path or
+                                  # URL: on a pod, a bucket shares it between hosts); "" disables
   c.max_steps = -1                # stop early after this many steps (the schedule is unchanged)
   return c
 
@@ -146,6 +147,13 @@ def validate(config):
       _fail(f"mesh.{axis}", f"must be -1 or >= 1, got {c.mesh[axis]}")
   if c.mesh.data == -1 and c.mesh.fsdp == -1:
     _fail("mesh", "at most one axis may be -1")
+  for key, value in (("init_from", c.init_from), ("compile_cache", c.compile_cache),
+                     ("data.data_dir", c.data.data_dir)):
+    if value:
+      try:
+        paths.resolve(value, f"config.{key}")
+      except paths.BadPath as e:
+        raise ConfigError(str(e)) from None
   _validate_data(c.data)
   return config
 

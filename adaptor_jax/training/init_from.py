@@ -12,14 +12,13 @@ checkpoint lacks, one of another shape, or one of the checkpoint the model has n
 The run's workdir gets init_from.json: where from, what was loaded, what kept its init.
 """
 import json
-import os
 
 import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from absl import logging
 
-from adaptor_jax import errors
+from adaptor_jax import errors, paths
 from adaptor_jax.models import registry
 from adaptor_jax.training import checkpoint, loader
 
@@ -111,9 +110,10 @@ def _subtree(tree, keep):
   return out
 
 
-def restore(directory, paths, abstract_params, shardings, converted):
-  """{path: array} of `paths` read from the params item `directory`, placed in `shardings`."""
-  target = _subtree(checkpoint.placed(abstract_params, shardings), set(paths))
+def restore(directory, wanted, abstract_params, shardings, converted):
+  """{path: array} of the param paths `wanted` read from the params item `directory`, placed in
+  `shardings`."""
+  target = _subtree(checkpoint.placed(abstract_params, shardings), set(wanted))
   if converted:
     target = jax.tree.map(lambda a: {"value": a}, target)
   with ocp.PyTreeCheckpointer() as ckptr:
@@ -125,7 +125,9 @@ def restore(directory, paths, abstract_params, shardings, converted):
 
 
 def apply(state, shardings, config, workdir):
-  """The fresh train `state` with config.init_from's params in (EMA too); InitFromError."""
+  """The fresh train `state` with config.init_from's params in (EMA too); InitFromError. The
+  report goes to `workdir`/init_from.json (a path or URL)."""
+  workdir = paths.resolve(workdir)
   try:
     directory = loader.find(config.init_from).params
   except loader.NotACheckpoint as e:
@@ -145,7 +147,7 @@ def apply(state, shardings, config, workdir):
   logging.info("init_from %s: %d params loaded, %d kept at init: %s", directory, len(load),
                len(init), init)
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "init_from.json"), "w") as f:
-      json.dump(dict(init_from=config.init_from, directory=directory, loaded=len(load),
-                     kept_at_init=init), f, indent=1)
+    paths.write_text(workdir / "init_from.json", json.dumps(dict(
+        init_from=config.init_from, directory=str(directory), loaded=len(load),
+        kept_at_init=init), indent=1))
   return dict(state, params=params, ema=ema)

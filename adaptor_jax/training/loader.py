@@ -5,18 +5,19 @@ A path is one of
   workdir    a training workdir (has checkpoints/): its newest checkpoint
   step       a checkpoint step directory (has params/ and config/)
   converted  a converter's output (has model.json and params/, nnx Variables)
-`find` says which, and which params item to read (the EMA when asked for and kept).
+`find` says which, and which params item to read (the EMA when asked for and kept). A path
+may be local or a URL (gs://bucket/run: a notebook or Colab reading a pod's run; paths.py).
 """
 import dataclasses
 import json
-import os
 
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
+from etils import epath
 from flax import nnx
 
-from adaptor_jax import errors
+from adaptor_jax import errors, paths
 from adaptor_jax.models import registry
 from adaptor_jax.training import checkpoint, config as config_lib, steps
 
@@ -28,29 +29,29 @@ class NotACheckpoint(errors.UserError, FileNotFoundError):
 @dataclasses.dataclass(frozen=True)
 class Found:
   """What `find` found at a path."""
-  kind: str            # "workdir", "step" or "converted"
-  path: str            # the path given, absolute
-  step_dir: str        # the checkpoint step directory ("" for a converted checkpoint)
-  params: str          # the params item to read
-  ema: bool            # whether `params` is the EMA item
+  kind: str                  # "workdir", "step" or "converted"
+  path: epath.Path           # the path given, absolute
+  step_dir: epath.Path | None  # the checkpoint step directory (None: a converted checkpoint)
+  params: epath.Path         # the params item to read
+  ema: bool                  # whether `params` is the EMA item
 
 
 def find(path, ema=True):
   """Found of `path`; NotACheckpoint when it is none of the three (or a workdir has no step)."""
-  path = os.path.abspath(os.path.expanduser(os.fspath(path)))
-  if os.path.exists(os.path.join(path, "model.json")):
-    return Found("converted", path, "", os.path.join(path, "params"), False)
-  if os.path.isdir(os.path.join(path, "checkpoints")):
+  path = paths.resolve(path)
+  paths.check_bucket(path)
+  if (path / "model.json").exists():
+    return Found("converted", path, None, path / "params", False)
+  if (path / "checkpoints").is_dir():
     kind, step_dir = "workdir", _latest_step_dir(path)
-  elif os.path.isdir(os.path.join(path, "params")) and os.path.isdir(os.path.join(path, "config")):
+  elif (path / "params").is_dir() and (path / "config").is_dir():
     kind, step_dir = "step", path
   else:
     raise NotACheckpoint(
         f"{path}: not a training workdir (with checkpoints/), a checkpoint step directory (with "
         "params/ and config/), or a converted checkpoint (with model.json)")
-  use_ema = ema and os.path.isdir(os.path.join(step_dir, "ema"))
-  return Found(kind, path, step_dir, os.path.join(step_dir, "ema" if use_ema else "params"),
-               use_ema)
+  use_ema = ema and (step_dir / "ema").is_dir()
+  return Found(kind, path, step_dir, step_dir / ("ema" if use_ema else "params"), use_ema)
 
 
 def _latest_step_dir(workdir):
@@ -58,19 +59,17 @@ def _latest_step_dir(workdir):
     step = mngr.latest_step()
   if step is None:
     raise NotACheckpoint(f"{workdir}: no checkpoint under checkpoints/ yet")
-  return os.path.join(workdir, "checkpoints", str(step))
+  return workdir / "checkpoints" / str(step)
 
 
 def read_config(found):
   """The run config of a Found (workdir or step); knobs added since the run was saved take their
   defaults (config.default_config). A converted checkpoint's is its model.json."""
   if found.kind == "converted":
-    with open(os.path.join(found.path, "model.json")) as f:
-      return ml_collections.ConfigDict(json.load(f))
-  path = os.path.join(found.step_dir, "config", "metadata")
+    return ml_collections.ConfigDict(json.loads((found.path / "model.json").read_text()))
+  path = found.step_dir / "config" / "metadata"
   with checkpoint.reading(path):
-    with open(path) as f:
-      saved = json.load(f)
+    saved = json.loads(path.read_text())
   config = config_lib.default_config()
   config.update(saved)
   return config

@@ -1,6 +1,5 @@
 """The training loop and evaluation, read top to bottom: train_and_evaluate(config, workdir)."""
 import json
-import os
 import signal
 import time
 
@@ -9,7 +8,7 @@ import ml_collections
 from flax import nnx
 from absl import logging
 
-from adaptor_jax import errors
+from adaptor_jax import errors, paths
 from adaptor_jax.data import pipeline
 from adaptor_jax.training import (checkpoint, config as config_lib, init_from, loader,
                                   optimizer, sharding, steps)
@@ -21,7 +20,8 @@ def setup(config):
   hosts jax.distributed. Returns the config with num_classes filled in from the dataset."""
   config_lib.validate(config)
   if config.compile_cache:
-    jax.config.update("jax_compilation_cache_dir", os.path.expanduser(config.compile_cache))
+    jax.config.update("jax_compilation_cache_dir",
+                      str(paths.resolve(config.compile_cache, "config.compile_cache")))
   if config.num_classes == -1:
     config = ml_collections.ConfigDict(config.to_dict())
     config.num_classes = pipeline.num_classes(config.data)
@@ -149,9 +149,9 @@ class _FiniteWatch:
 def train_and_evaluate(config, workdir):
   """Trains `config` in `workdir`, resuming from its newest checkpoint. Returns the last
   evaluation's metrics."""
+  workdir = paths.resolve(workdir, "--workdir")
+  paths.check_bucket(workdir, "--workdir")
   config = setup(config)
-  workdir = os.path.abspath(workdir)
-  os.makedirs(workdir, exist_ok=True)
   mesh = sharding.make_mesh(config.mesh)
   n_train = pipeline.num_examples(config.data, config.data.train_split)
   steps_per_epoch = n_train // config.batch_size
@@ -163,14 +163,12 @@ def train_and_evaluate(config, workdir):
   last_step = total_steps if config.max_steps < 0 else min(total_steps, config.max_steps)
   num_classes = config.num_classes
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      json.dump(config.to_dict(), f, indent=2)
+    paths.write_text(workdir / "config.json", json.dumps(config.to_dict(), indent=2))
 
   made = steps.make_net(config, num_classes)
   counts = steps.param_counts(made[1], made[2])
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "params.json"), "w") as f:
-      json.dump(counts, f, indent=1)
+    paths.write_text(workdir / "params.json", json.dumps(counts, indent=1))
   tx = optimizer.make(config, steps_per_epoch, trainable=made[2])
   lr_at = optimizer.schedule(config, steps_per_epoch)
   net, state, shardings = steps.create(config, num_classes, mesh, tx, made)

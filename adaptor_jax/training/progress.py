@@ -1,12 +1,25 @@
 """What a run reports: a progress line on stdout, TensorBoard event files in `workdir/tensorboard`
-and every logged value, full precision, as JSON lines in `workdir/metrics.jsonl`."""
+and every logged value, full precision, as JSON lines in `workdir/metrics.jsonl`. The workdir may
+be a bucket (paths.py): both files are then rewritten whole at every flush."""
 import datetime
 import json
-import os
 import time
 
 import jax
 from absl import logging
+
+from adaptor_jax import paths
+
+
+class _EventFiles:
+  """tensorboardX's writer factory for URL workdirs: the event file through paths.Appender (its
+  own GCS writer takes another client and knows gs:// only)."""
+
+  def open(self, path):
+    return paths.Appender(path, binary=True)
+
+  def directory_check(self, path):
+    del path  # an object store has no directories to make
 
 
 class Progress:
@@ -15,12 +28,15 @@ class Progress:
 
   def __init__(self, workdir, *, total_steps, batch_size, start_step):
     self.total, self.batch = total_steps, batch_size
+    workdir = paths.resolve(workdir)
     self.lead = jax.process_index() == 0
     self.writer = self.jsonl = None
     if self.lead:
-      from tensorboardX import SummaryWriter  # noqa: PLC0415 - only the lead process writes
-      self.writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
-      self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")  # noqa: SIM115
+      from tensorboardX import SummaryWriter, record_writer  # noqa: PLC0415 - process 0 only
+      for scheme in paths.SCHEMES:
+        record_writer.register_writer_factory(scheme, _EventFiles())
+      self.writer = SummaryWriter(str(workdir / "tensorboard"))
+      self.jsonl = paths.Appender(workdir / "metrics.jsonl")
     self._t, self._step = time.time(), start_step
 
   def restart(self, step):
