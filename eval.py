@@ -25,7 +25,8 @@ def main(argv):
   if _CONFIG.value is not None:
     config_lib.validate(_CONFIG.value)
   hosts.initialize()
-  result = loop.evaluate_checkpoint(_WORKDIR.value, _CONFIG.value, _SPLIT.value)
+  with hosts.watched():
+    result = loop.evaluate_checkpoint(_WORKDIR.value, _CONFIG.value, _SPLIT.value)
   print(json.dumps(result), flush=True)
 
 

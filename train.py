@@ -25,9 +25,11 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   from adaptor_jax.training import config as config_lib  # noqa: PLC0415
   config_lib.validate(_CONFIG.value)  # a bad key or value stops here, before any compute
-  hosts.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  hosts.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                   timeout_s=_CONFIG.value.host_timeout_s)
   from adaptor_jax.training import loop  # noqa: PLC0415
-  loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  with hosts.watched():  # several hosts: a lost process ends the job in one line (hosts.py)
+    loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 
 
 if __name__ == "__main__":

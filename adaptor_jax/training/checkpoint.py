@@ -57,6 +57,18 @@ def save(mngr, state, data_iter, config, metrics=None):
   mngr.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=True)
 
 
+def newest_saved(mngr):
+  """The newest step whose save has completed, as storage shows it (None: none yet): a step
+  directory under its final name, in a bucket one with orbax's commit marker. Asks none of
+  the manager's own state but its list of steps: a save whose finalize waits in a barrier for
+  a lost process holds the manager's locks (hosts.py asks this while that happens)."""
+  for step in sorted(mngr.all_steps(), reverse=True):
+    path = mngr.directory / str(step)
+    if (path / "commit_success.txt").exists() if paths.is_url(path) else path.exists():
+      return step
+  return None
+
+
 def restore(mngr, step, abstract_state, shardings, data_iter):
   """The state saved at `step`, placed in `shardings`; `data_iter` continues where it was.
   Raises Damaged naming the item (directory) that cannot be read."""

@@ -58,6 +58,8 @@ def default_config():
   # Devices: a mesh of (data, fsdp); -1 takes the devices left over. FSDP shards params,
   # optimizer state and EMA over `fsdp`; the batch is split over both axes.
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
+  c.host_timeout_s = 60.0         # several hosts: a process silent this long (or one that failed)
+                                  # ends the job, every other process exits 75 (training/hosts.py)
   # Bookkeeping.
   c.log_every = 50                # steps between progress lines and TensorBoard points
   c.eval_every = 1.0              # epochs between evaluations; 0: only at the end
@@ -128,6 +130,8 @@ def validate(config):
   for key in ("epochs", "lr"):
     if c[key] <= 0:
       _fail(key, f"must be > 0, got {c[key]}")
+  if c.host_timeout_s < 1:
+    _fail("host_timeout_s", f"must be >= 1 (seconds), got {c.host_timeout_s}")
   for key in ("warmup_epochs", "warmup_lr", "min_lr", "weight_decay", "grad_clip", "eval_every",
               "skip_nonfinite"):
     if c[key] < 0:

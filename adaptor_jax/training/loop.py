@@ -10,7 +10,7 @@ from absl import logging
 
 from adaptor_jax import errors, paths
 from adaptor_jax.data import pipeline
-from adaptor_jax.training import (checkpoint, config as config_lib, init_from, loader,
+from adaptor_jax.training import (checkpoint, config as config_lib, hosts, init_from, loader,
                                   optimizer, sharding, steps)
 from adaptor_jax.training.progress import Progress
 
@@ -146,6 +146,13 @@ class _FiniteWatch:
                     "tolerated)", step, m["loss"], m["grad_norm"], self.skipped, self.tolerated)
 
 
+def _newest(mngr):
+  step = checkpoint.newest_saved(mngr)
+  if step is None:
+    return f"no checkpoint in {mngr.directory} yet"
+  return f"the newest checkpoint is step {step} in {mngr.directory}"
+
+
 def train_and_evaluate(config, workdir):
   """Trains `config` in `workdir`, resuming from its newest checkpoint. Returns the last
   evaluation's metrics."""
@@ -175,6 +182,7 @@ def train_and_evaluate(config, workdir):
   data_iter = pipeline.train_iterator(config.data, batch_size=_per_process(config.batch_size),
                                       seed=config.seed)
   mngr = checkpoint.manager(workdir, config)
+  hosts.tell_newest(lambda: _newest(mngr))
   if mngr.latest_step() is not None:
     state, resumed = checkpoint.restore_newest(mngr, state, shardings, data_iter)
     logging.info("resumed from step %d", resumed)
