@@ -70,3 +70,43 @@ def shared(tmp_path_factory, worker_id):
   path = root / "training"
   path.mkdir(exist_ok=True)
   return path
+
+
+@pytest.fixture(scope="session")
+def gcs(tmp_path_factory):
+  """A Cloud Storage server on 127.0.0.1 for this worker (tests/gcs_server.py), its variables in
+  os.environ (so in the subprocesses too): `gcs.bucket(name)` makes a bucket, gs://name."""
+  import gcs_server  # noqa: PLC0415
+  server = gcs_server.GcsServer(tmp_path_factory.mktemp("gcs")).start()
+  yield server
+  server.stop()
+
+
+@pytest.fixture(scope="session")
+def robust_data(shared):
+  """The digits dataset of the train.py runs of test_robustness.py and test_buckets.py; their
+  compilation cache is ../xla_cache (the same programs)."""
+  from adaptor_jax.data import builders  # noqa: PLC0415
+  path = shared / "robust" / "tfds"
+  builders.build_digits(str(path))
+  return path
+
+
+@pytest.fixture(scope="session")
+def run8(shared, robust_data):
+  """A tiny run of 8 steps with checkpoints at 2, 4, 6 and 8 (all kept), made once for all the
+  session's workers: the uninterrupted run others are compared with."""
+  import shutil  # noqa: PLC0415
+  import subprocess  # noqa: PLC0415
+  import train_cases as tc  # noqa: PLC0415
+  workdir = shared / "robust" / "run8"
+  with tc.once(shared / "robust" / "run8_made") as first:
+    if first:
+      shutil.rmtree(workdir, ignore_errors=True)
+      cmd = tc.train_cmd(workdir, robust_data, robust_data.parent / "xla_cache",
+                         "--config.max_steps=8", "--config.checkpoint_every=2",
+                         "--config.keep=5")
+      done = subprocess.run(cmd, capture_output=True, text=True, cwd=tc.REPO, env=tc.env(),
+                            timeout=600, check=False)
+      assert done.returncode == 0, done.stderr[-3000:]
+  return workdir

@@ -1,6 +1,7 @@
 """What the importer tests share (tests/test_convert*.py): a family's official key inventory
 (a fixture of key -> shape, in the official order), random state dicts of those shapes, and the
 exact round trips: in memory, through the converter's directory and through its command line."""
+import io
 import json
 import os
 import subprocess
@@ -8,6 +9,7 @@ import sys
 
 import jax
 import numpy as np
+from etils import epath
 from flax import nnx
 
 from adaptor_jax.models import registry
@@ -58,16 +60,22 @@ def assert_round_trips(family, name, state_dict, directory):
   assert_same(family.to_state_dict(family.restore(directory)), state_dict)
 
 
-def command_line(family, preset, state_dict, tmp_path):
+def command_line(family, preset, state_dict, root):
   """`python -m <family> --checkpoint=in.npz --model=preset --output=ours`, then `--export` of
-  ours to out.npz, which must equal `state_dict`. Returns the directory the import wrote."""
-  run = lambda *a: subprocess.run([sys.executable, "-m", family.__name__, *a], check=True,
-                                  capture_output=True, text=True)
-  np.savez(tmp_path / "in.npz", **state_dict)
-  ours = tmp_path / "ours"
-  run(f"--checkpoint={tmp_path / 'in.npz'}", f"--model={preset}", f"--output={ours}")
-  run("--export", f"--input={ours}", f"--checkpoint={tmp_path / 'out.npz'}")
-  with np.load(tmp_path / "out.npz") as out:
+  ours to out.npz, which must equal `state_dict`; all three under `root`, a directory or a
+  bucket URL. Returns the directory the import wrote."""
+  def run(*args):
+    done = subprocess.run([sys.executable, "-m", family.__name__, *args], check=False,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+  root = epath.Path(root)
+  buffer = io.BytesIO()
+  np.savez(buffer, **state_dict)
+  (root / "in.npz").write_bytes(buffer.getvalue())
+  ours = root / "ours"
+  run(f"--checkpoint={root / 'in.npz'}", f"--model={preset}", f"--output={ours}")
+  run("--export", f"--input={ours}", f"--checkpoint={root / 'out.npz'}")
+  with np.load(io.BytesIO((root / "out.npz").read_bytes())) as out:
     assert sorted(out.files) == sorted(state_dict)
     for k in state_dict:
       np.testing.assert_array_equal(out[k], state_dict[k], err_msg=k)

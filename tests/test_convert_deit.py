@@ -32,12 +32,15 @@ def test_round_trips_are_exact(tmp_path):
   cc.assert_round_trips(cd, "deit_tiny", random_state_dict(), tmp_path / "ckpt")
 
 
-def test_command_line_import_then_export(tmp_path):
-  """.npz in, our checkpoint (which load_model reads), .npz out: all exact; head from head.bias."""
+@pytest.mark.parametrize("where", ["disk", "bucket"])
+def test_command_line_import_then_export(where, tmp_path, request):
+  """.npz in, our checkpoint (which load_model reads), .npz out: all exact; head from head.bias.
+  On a disk, or all three in a bucket (the GCS server of tests/gcs_server.py)."""
   state_dict = random_state_dict(seed=1)
   state_dict["head.weight"] = state_dict["head.weight"][:7]
   state_dict["head.bias"] = state_dict["head.bias"][:7]
-  ours = cc.command_line(cd, "deit_tiny", state_dict, tmp_path)
+  root = tmp_path if where == "disk" else request.getfixturevalue("gcs").bucket("convert")
+  ours = cc.command_line(cd, "deit_tiny", state_dict, root)
   model, config = loader.load_model(ours)
   assert isinstance(model, DeiT) and (config.model, config.num_classes) == ("deit_tiny", 7)
   cc.assert_same(cd.to_state_dict(model), state_dict)

@@ -9,6 +9,7 @@ import pytest
 from flax import nnx
 
 import train_cases as tc
+from adaptor_jax.convert import vmamba as cv
 from adaptor_jax.models import registry
 from adaptor_jax.training import config as config_lib, init_from, optimizer, sharding, steps
 
@@ -77,8 +78,13 @@ def _started(config, workdir):
   return net, init_from.apply(state, shardings, config, str(workdir))
 
 
-def test_booster_from_a_converted_vmamba_equals_it_at_step_0(tmp_path):
+@pytest.mark.parametrize("where", ["disk", "bucket"])
+def test_booster_from_a_converted_vmamba_equals_it_at_step_0(where, tmp_path, request):
+  """From the converter's output on a disk, or in a bucket (tests/gcs_server.py)."""
   converted, vmamba = tc.converted_vmamba(tmp_path, "converted", num_classes=10, **SMALL)
+  if where == "bucket":
+    converted = request.getfixturevalue("gcs").bucket("converted") + "/vmamba"
+    cv.save(vmamba, "vmamba_tiny", converted)
   config = _config(init_from=str(converted))
   net, state = _started(config, tmp_path)
   x = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))

@@ -38,28 +38,6 @@ def _last_line(stderr):
   return stderr.strip().splitlines()[-1]
 
 
-@pytest.fixture(scope="session")
-def robust_data(shared):
-  from adaptor_jax.data import builders  # noqa: PLC0415
-  path = shared / "robust" / "tfds"  # and ../xla_cache, shared by the runs
-  builders.build_digits(str(path))
-  return path
-
-
-@pytest.fixture(scope="session")
-def run8(shared, robust_data):
-  """A tiny run of 8 steps with checkpoints at 2, 4, 6 and 8 (all kept), made once for all the
-  session's workers."""
-  workdir = shared / "robust" / "run8"
-  with tc.once(shared / "robust" / "run8_made") as first:
-    if first:
-      shutil.rmtree(workdir, ignore_errors=True)
-      code, err = _train(workdir, robust_data, "--config.max_steps=8",
-                         "--config.checkpoint_every=2", "--config.keep=5")
-      assert code == 0, err[-3000:]
-  return workdir
-
-
 def test_divergence_halts_naming_the_step_and_keeps_the_good_checkpoints(tmp_path, robust_data):
   code, err = _train(tmp_path / "w", robust_data, "--config.lr=1e6", "--config.max_steps=20",
                      "--config.checkpoint_every=2", "--config.keep=2")

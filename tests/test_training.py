@@ -1,7 +1,7 @@
 """Training: train steps on 8 fake CPU devices (data and FSDP meshes) and with gradient
 accumulation against one device, a checkpoint saved from 8 devices loaded on one, the demo
-recipe learning (and eval.py agreeing), SIGTERM and resume against an uninterrupted run, two
-processes against one; and the cheap parts: config validation, the weight-decay mask, frozen
+recipe learning (and eval.py agreeing), SIGTERM and resume against an uninterrupted run (two
+processes against one: test_buckets.py); and the cheap parts: config validation, the weight-decay mask, frozen
 params, the schedule, and the adaptor form's train step.
 
 Runs that need fresh processes (XLA_FLAGS, jax.distributed, signals) are subprocesses sharing a
@@ -20,7 +20,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import portpicker
 import pytest
 from flax import nnx
 
@@ -453,61 +452,3 @@ def test_adaptor_form_train_step_freezes_the_backbone():
   assert {"head/kernel", "head/bias"} <= moved
   assert any(k.endswith("adaptor_t/gamma") for k in moved), sorted(moved)
   assert np.isfinite(metrics["loss"]) and metrics["grad_norm"] > 0
-
-
-# ------------------------------------------------------------------------------------------------
-# train.py as two processes.
-
-
-def _run_all(procs, timeout):
-  """Waits for every Popen; when one fails or time runs out, stops the others."""
-  deadline = time.time() + timeout
-  try:
-    while any(p.poll() is None for p in procs):
-      if any(p.poll() not in (None, 0) for p in procs) or time.time() > deadline:
-        break
-      time.sleep(0.2)
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-        p.wait()
-  return [p.returncode for p in procs]
-
-
-def test_two_processes_match_one(tmp_path, data_dir, compile_cache):
-  """train.py as 2 processes on localhost (gloo collectives; each reads half of the global batch
-  of 32) logs the losses, gradient norms and rates of the same command as 1 process, process 0
-  alone writing metrics and progress, and each process its data iterator's state. Seen:
-  relative differences <= 1e-6 (the all-reduce sums in another order)."""
-  workdir = tmp_path / "two"
-  port = portpicker.pick_unused_port()
-  procs, logs = [], []
-  for i in range(2):
-    cmd = tc.train_cmd(workdir, data_dir, compile_cache, "--config.max_steps=4",
-                       f"--coordinator_address=localhost:{port}", "--num_processes=2",
-                       f"--process_id={i}")
-    out, err = open(tmp_path / f"p{i}.out", "w"), open(tmp_path / f"p{i}.err", "w")  # noqa: SIM115
-    logs += [out, err]
-    procs.append(subprocess.Popen(cmd, stdout=out, stderr=err, cwd=tc.REPO, env=tc.env()))
-  codes = _run_all(procs, timeout=540)
-  for f in logs:
-    f.close()
-  assert codes == [0, 0], [tc.tail(tmp_path / f"p{i}.err") for i in range(2)]
-  assert "mesh {'data': 2, 'fsdp': 1}" in (tmp_path / "p0.out").read_text()
-  assert "step 1/" not in (tmp_path / "p1.out").read_text()
-  saved = os.listdir(workdir / "checkpoints" / "4" / "data")
-  assert sorted(f for f in saved if f.startswith("process_")) == [
-      "process_0-of-2.json", "process_1-of-2.json"]
-
-  code, _ = tc.run(tc.train_cmd(tmp_path / "one", data_dir, compile_cache,
-                                "--config.max_steps=4"), str(tmp_path / "one"),
-                   env=tc.env(optimize=True))  # the programs of the other test: cached
-  assert code == 0, tc.tail(tmp_path / "one.err")
-  train = [m for m in tc.read_metrics(workdir) if "train/loss" in m]
-  ref = [m for m in tc.read_metrics(tmp_path / "one") if "train/loss" in m]
-  assert [m["step"] for m in train] == [m["step"] for m in ref] == [1, 2, 3, 4]
-  for m, r in zip(train, ref):
-    for key in ("train/loss", "train/grad_norm", "train/lr"):
-      print(m["step"], key, abs(m[key] / r[key] - 1))
-      np.testing.assert_allclose(m[key], r[key], rtol=1e-5, err_msg=f"{key} {m['step']}")
