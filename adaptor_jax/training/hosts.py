@@ -49,6 +49,11 @@ _DONE, _FAILED = "done", "failed"
 
 
 def _launched_multi_process():
+  """Whether a launcher set up the job (its variables), or this is a Cloud TPU VM: there jax
+  finds the slice's hosts from the metadata server (TPU_WORKER_HOSTNAMES is set on GKE only);
+  a one-host slice joins a job of one process."""
+  if _tpu_chips() > 0:
+    return True
   for name in _MULTI_PROCESS_ENV:
     value = os.environ.get(name, "")
     if name == "TPU_WORKER_HOSTNAMES" and "," in value:
@@ -58,6 +63,12 @@ def _launched_multi_process():
     if name == "JAX_COORDINATOR_ADDRESS" and value:
       return True
   return False
+
+
+def _tpu_chips():
+  """TPU chips on this host's PCI bus (jax's own probe, as jax runs it before using libtpu)."""
+  from jax._src import hardware_utils  # noqa: PLC0415
+  return hardware_utils.num_available_tpu_chips_and_device_id()[0]
 
 
 def backstop_s(timeout_s):
