@@ -1,14 +1,17 @@
 """Throughput of the training input pipeline (decode + ImageNet train transforms + batching).
 
   python benchmarks/input_pipeline.py [--num_workers=0,2] [--seconds=20] [--batch_size=64]
-      [--images=300] [--data_dir=DIR --name=NAME]
+      [--images=300] [--data_dir=DIR --name=NAME] [--bucket=gs://BUCKET/DIR]
 
 Without --name it builds a synthetic ImageNet-like image folder in a temp dir (random smooth
 JPEGs of 500x375 / 375x500, quality 90, 10 classes) and runs `pipeline.train_iterator` with the
 ImageNet defaults (224, RandAugment rand-m9-mstd0.5-inc1, bicubic) for each worker count, after a
 warm-up (worker start-up excluded). "per core" = images per CPU-second of the main process and
 its workers, which stays meaningful on a busy machine; images/s is wall-clock. Also times the two JPEG decoders on one core on a
-500x375 JPEG. Prints a table and writes benchmarks/results/input-pipeline-<platform>.json.
+500x375 JPEG. With --bucket the same dataset is also copied there (builders: built locally,
+then copied) and every worker count is measured reading it from the bucket too (TFDS' metadata
+through gcsfs, the records through array_record's own GCS reader); run it on the host that
+will train, against the bucket it will read, to see whether direct reads keep up. Prints a table and writes benchmarks/results/input-pipeline-<platform>.json.
 """
 import argparse
 import io
@@ -113,10 +116,11 @@ def measure(cfg, *, batch_size, num_workers, seconds):
               images_per_s_per_core=round(images / max(cpu, 1e-9), 1))
 
 
-def build_synthetic(data_dir, images, classes=10, seed=0):
-  """An image-folder dataset `synthetic_imagenet` of `images` JPEGs in `data_dir`."""
+def build_synthetic(data_dir, images, classes=10, seed=0, root=None):
+  """An image-folder dataset `synthetic_imagenet` of `images` JPEGs in `data_dir` (a path or
+  URL); the JPEGs are written under `root` (default data_dir/images)."""
   rng = np.random.default_rng(seed)
-  root = os.path.join(data_dir, "images")
+  root = root or os.path.join(data_dir, "images")
   for i in range(images):
     class_dir = os.path.join(root, f"n{i % classes:08d}")
     os.makedirs(class_dir, exist_ok=True)
@@ -136,6 +140,7 @@ def main():
   parser.add_argument("--images", type=int, default=300, help="synthetic dataset size")
   parser.add_argument("--data_dir", default=None, help="with --name: an existing dataset")
   parser.add_argument("--name", default=None)
+  parser.add_argument("--bucket", default=None, help="also measure reading from this URL")
   parser.add_argument("--out", default=None)
   args = parser.parse_args()
   workers = ([int(w) for w in args.num_workers.split(",")] if args.num_workers
@@ -154,13 +159,22 @@ def main():
     else:
       cfg.name, cfg.data_dir = build_synthetic(tmp, args.images), tmp
       dataset = f"synthetic: {args.images} random JPEGs 500x375"
+    data_dirs = [cfg.data_dir]
+    if args.bucket:
+      if args.name:
+        raise SystemExit("--bucket copies the synthetic dataset: leave out --name")
+      build_synthetic(args.bucket, args.images, root=os.path.join(tmp, "images"))
+      data_dirs.append(args.bucket)
     rows = []
-    print(f"{'workers':>7} {'images/s':>9} {'CPU s':>6} {'per core':>9} {'startup s':>9}")
-    for w in workers:
-      row = measure(cfg, batch_size=args.batch_size, num_workers=w, seconds=args.seconds)
-      rows.append(row)
-      print(f"{w:>7} {row['images_per_s']:>9} {row['cpu_seconds']:>6} "
-            f"{row['images_per_s_per_core']:>9} {row['startup_s']:>9}")
+    print(f"{'workers':>7} {'images/s':>9} {'CPU s':>6} {'per core':>9} {'startup s':>9}  from")
+    for data_dir in data_dirs:
+      cfg.data_dir = data_dir
+      for w in workers:
+        row = measure(cfg, batch_size=args.batch_size, num_workers=w, seconds=args.seconds)
+        row["data_dir"] = "bucket" if data_dir == args.bucket else "local disk"
+        rows.append(row)
+        print(f"{w:>7} {row['images_per_s']:>9} {row['cpu_seconds']:>6} "
+              f"{row['images_per_s_per_core']:>9} {row['startup_s']:>9}  {row['data_dir']}")
 
   platform = jax.default_backend()
   out = args.out or os.path.join(os.path.dirname(__file__), "results",
