@@ -13,7 +13,7 @@ is lost. Then this process prints one line,
 
   train.py: the job lost process 1 of 2 (no heartbeat for 60 s); the newest checkpoint is step
   20 in gs://bkt/run/checkpoints; this process stops too: run the same command on every host to
-  resume from it
+  resume from the newest checkpoint
 
 ends its grain worker processes and exits with code 75 (EX_TEMPFAIL: run it again), within
 timeout_s + beat_s of the loss. jax.distributed's own heartbeat timeout is set past ours
@@ -21,11 +21,10 @@ timeout_s + beat_s of the loss. jax.distributed's own heartbeat timeout is set p
 the coordination service, and when it is lost the runtime aborts every other process within a
 second, from C++, before any Python code can speak (exit code 134, the runtime's line saying
 that another task died); the watchdog then only keeps Python's fault handler from adding a
-dump. An exception in the main thread of a
-multi-process run first waits for the watchdog's verdict (a collective that failed because a peer
-died is reported as that loss, not as a traceback); otherwise the process marks itself failed,
-which ends the others as a loss with that reason.
+dump. A process that fails (an exception in its main thread; see `watched`) marks itself
+failed, which ends the others as a loss with that reason.
 """
+import atexit
 import contextlib
 import faulthandler
 import multiprocessing
@@ -139,16 +138,19 @@ class _Watchdog(threading.Thread):
       now = time.monotonic()
       for k, (last, since) in seen.items():
         value = values.get(f"{_KEY}{k}")
-        if value == _FAILED:
-          self.lost(k, "it failed; its log says why")
-        elif value != last:
+        if value != last:
           seen[k] = (value, now)
-        elif value != _DONE and now - since > self.timeout_s:
+        elif value == _FAILED and now - since > 2 * self.beat_s:  # not failing alike meanwhile
+          self.lost(k, "it failed; its log says why")
+        elif value not in (_DONE, _FAILED) and now - since > self.timeout_s:
           self.lost(k, f"no heartbeat for {self.timeout_s:g} s")
       self._stopped.wait(self.beat_s)
 
   def lost(self, process, why):
-    """Says the job lost `process`, ends this process's children, exits LOST_EXIT_CODE."""
+    """Says the job lost `process`, ends this process's children, exits LOST_EXIT_CODE; not
+    when this process is ending on its own (its own error speaks)."""
+    if self._stopped.is_set():
+      return
     self._verdict.set()
     where = self._where()
     which = "the coordinator, process 0" if process == 0 else f"process {process}"
@@ -181,6 +183,21 @@ class _Watchdog(threading.Thread):
     with contextlib.suppress(Exception):  # the coordinator may be gone already
       _client().key_value_set(f"{_KEY}{self.me}", value, allow_overwrite=True)
 
+  def fail(self):
+    """Marks this process failed; at exit it leaves without jax.distributed's shutdown barrier
+    (which would wait for peers that are leaving too, then abort this process). Process 0 first
+    keeps the coordination service up for two heartbeats, so the others read the mark."""
+    self.mark(_FAILED)
+
+    def leave():
+      sys.stdout.flush()
+      sys.stderr.flush()
+      if self.me == 0:
+        time.sleep(2 * self.beat_s + 1)
+      os._exit(1)
+
+    atexit.register(leave)  # after jax's own handler: runs first
+
   def await_verdict(self):
     """Blocks until the watchdog has had the time to find a lost process (it then exits)."""
     self._verdict.wait(self.timeout_s + 2 * self.beat_s)
@@ -198,23 +215,25 @@ def tell_newest(describe):
 
 @contextlib.contextmanager
 def watched():
-  """Runs the body of a multi-process job (a no-op for one process): a normal end, or a user
-  error that every process meets alike, marks this process done; another exception first
-  waits for the watchdog's verdict (a lost peer ends the process there), then marks this
-  process failed, so the others stop promptly, and is raised."""
+  """Runs the body of a multi-process job (a no-op for one process). A normal end marks this
+  process done. A user error (a diverged loss, bad data) marks it failed at once: a peer that
+  fails alike within two heartbeats (divergence meets every process at the same step) ends on
+  its own error, the others as a loss naming it. Another exception first waits for the
+  watchdog's verdict (a collective that failed because a peer died: the loss ends the process
+  there), then marks this process failed and is raised."""
   if _WATCHDOG is None:
     yield
     return
   try:
     yield
   except errors.UserError:
-    _WATCHDOG.mark(_DONE)
+    _WATCHDOG.fail()
     raise
   except Exception:
     _WATCHDOG.await_verdict()
-    _WATCHDOG.mark(_FAILED)
+    _WATCHDOG.fail()
     raise
   except BaseException:  # KeyboardInterrupt, SystemExit: no verdict to wait for
-    _WATCHDOG.mark(_FAILED)
+    _WATCHDOG.fail()
     raise
   _WATCHDOG.mark(_DONE)
