@@ -2,6 +2,8 @@
 (explicit and random splits, original bytes, files that are not images) and their errors."""
 import collections
 import logging
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -126,3 +128,14 @@ def test_image_folder_refuses_files_that_are_not_images(tmp_path, caplog):
   with pytest.raises(ValueError, match="no train image decodes"):
     builders.build_image_folder(tmp_path / "texts_only", tmp_path / "tfds", "texts_only",
                                 skip_bad=True)
+
+
+def test_files_to_build_from_must_be_local():
+  """--root and --source name files on this machine (--data_dir may be a bucket): a URL there
+  ends in one line."""
+  done = subprocess.run([sys.executable, "-m", "adaptor_jax.data.builders",
+                         "--dataset=image_folder", "--root=gs://bkt/images", "--name=x"],
+                        capture_output=True, text=True, check=False)
+  assert done.returncode == 1 and done.stderr.strip() == (
+      "builders: --root=gs://bkt/images: the files to build from must be on this machine's disk "
+      "(copy them first, e.g. gcloud storage cp -r); --data_dir may be a bucket"), done.stderr

@@ -418,6 +418,11 @@ def main(argv):
   del argv
   from adaptor_jax.data.catalog import CATALOG_BUILDERS, CATALOG_SOURCES  # noqa: PLC0415
   f = flags.FLAGS
+  for name in ("root", "source"):
+    if f[name].value and paths.is_url(f[name].value):
+      raise SystemExit(f"builders: --{name}={f[name].value}: the files to build from must be on "
+                       "this machine's disk (copy them first, e.g. gcloud storage cp -r); "
+                       "--data_dir may be a bucket")
   if f.dataset == "digits":
     builder = build_digits(f.data_dir)
   elif f.dataset == "image_folder":
