@@ -371,7 +371,7 @@ def test_a_lost_process_ends_the_job_in_one_line_and_a_restart_resumes(
   err = logs[0][1].read_text()
   print(f"process 1 lost: process 0 exited {code} after {seconds:.1f} s")
   assert code == hosts.LOST_EXIT_CODE, err[-3000:]
-  assert seconds < timeout + 2 * 2.5 + 5, seconds
+  assert seconds < timeout + 2.5 + 10, seconds  # + a heartbeat, + 5 s to name the newest step
   line = _last_line(err)
   assert line.startswith(f"train.py: the job lost process 1 of 2 (no heartbeat for {timeout} s);"
                          " the newest checkpoint is step "), line

@@ -129,7 +129,7 @@ def apply(state, shardings, config, workdir):
   report goes to `workdir`/init_from.json (a path or URL)."""
   workdir = paths.resolve(workdir)
   try:
-    directory = loader.find(config.init_from).params
+    directory = loader.find(config.init_from, what="config.init_from").params
   except loader.NotACheckpoint as e:
     raise InitFromError(f"config.init_from: {e}") from None
   saved, converted = saved_shapes(directory)

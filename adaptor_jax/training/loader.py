@@ -36,10 +36,11 @@ class Found:
   ema: bool                  # whether `params` is the EMA item
 
 
-def find(path, ema=True):
-  """Found of `path`; NotACheckpoint when it is none of the three (or a workdir has no step)."""
-  path = paths.resolve(path)
-  paths.check_bucket(path)
+def find(path, ema=True, what="path"):
+  """Found of `path`; NotACheckpoint when it is none of the three (or a workdir has no step),
+  paths.BadPath naming `what` (the flag or key it came from) when it cannot be read at all."""
+  path = paths.resolve(path, what)
+  paths.check_bucket(path, what)
   if (path / "model.json").exists():
     return Found("converted", path, None, path / "params", False)
   if (path / "checkpoints").is_dir():
@@ -103,7 +104,7 @@ def load_model(path, *, ema=True, device=None):
   the checkpoint was saved from. For a converted checkpoint, config has `model`/`num_classes`.
   """
   device = device or jax.local_devices()[0]
-  found = find(path, ema)
+  found = find(path, ema, what="load_model")
   config = read_config(found)
   if found.kind == "converted":
     model = nnx.eval_shape(lambda: registry.create_model(

@@ -252,7 +252,7 @@ def train_and_evaluate(config, workdir):
 def evaluate_checkpoint(path, config=None, split=None):
   """evaluate() of the newest checkpoint in a workdir (or of a step directory), EMA and raw,
   sharded like training; `config` defaults to the checkpoint's own."""
-  found = loader.find(path)
+  found = loader.find(path, what="--workdir")
   if found.kind == "converted":
     raise loader.NotACheckpoint(f"{found.path} is a converted checkpoint, not a run: evaluate "
                                 "it with load_model, or train from it with config.init_from")
@@ -261,7 +261,7 @@ def evaluate_checkpoint(path, config=None, split=None):
   net, abstract_params, _ = steps.make_net(config, config.num_classes)
   shardings = steps.param_shardings(abstract_params, mesh)
   abstract_params = nnx.to_pure_dict(abstract_params)
-  params = {"raw": loader.load_params(loader.find(path, ema=False).params, abstract_params,
+  params = {"raw": loader.load_params(loader.find(path, ema=False, what="--workdir").params, abstract_params,
                                       shardings)}
   if found.ema:
     params["ema"] = loader.load_params(found.params, abstract_params, shardings)
