@@ -79,8 +79,8 @@ def initialize(coordinator_address=None, num_processes=None, process_id=None,
                timeout_s=DEFAULT_TIMEOUT_S):
   """Joins the job's processes before any device is touched: with explicit arguments, or by
   jax.distributed's auto-detection when a launcher set up several processes; then starts the
-  watchdog (`timeout_s`: see the module docstring). On CPU the collectives go through gloo. A
-  single-process run does nothing."""
+  watchdog when there are several (`timeout_s`: see the module docstring). On CPU the
+  collectives go through gloo. A single process that no launcher started does nothing."""
   explicit = coordinator_address is not None
   if not (explicit or _launched_multi_process()):
     return

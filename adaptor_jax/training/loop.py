@@ -261,8 +261,8 @@ def evaluate_checkpoint(path, config=None, split=None):
   net, abstract_params, _ = steps.make_net(config, config.num_classes)
   shardings = steps.param_shardings(abstract_params, mesh)
   abstract_params = nnx.to_pure_dict(abstract_params)
-  params = {"raw": loader.load_params(loader.find(path, ema=False, what="--workdir").params, abstract_params,
-                                      shardings)}
+  raw = loader.find(path, ema=False, what="--workdir").params
+  params = {"raw": loader.load_params(raw, abstract_params, shardings)}
   if found.ema:
     params["ema"] = loader.load_params(found.params, abstract_params, shardings)
   for name, tree in params.items():
