@@ -18,7 +18,9 @@ Object stores cannot append: `Appender` keeps an appendable text file (metrics.j
 TensorBoard event files) whole in memory on a URL and rewrites it on every flush, so what was
 flushed is in the bucket even if the process is killed the next moment.
 """
+import contextlib
 import io
+import logging
 import os
 import re
 
@@ -78,7 +80,8 @@ def check_bucket(path, what="path"):
   scheme, rest = text.split("://", 1)
   bucket = f"{scheme}://{rest.split('/', 1)[0]}"
   try:
-    found = epath.Path(bucket).exists()
+    with _quiet(scheme):
+      found = epath.Path(bucket).exists()
   except Exception as e:  # noqa: BLE001 - auth, network and HTTP errors of any fsspec backend
     raise BadPath(f"{what}={text}: cannot reach {bucket} ({type(e).__name__}: "
                   f"{_first_line(e)}); check the credentials (on a TPU VM, its service "
@@ -86,6 +89,19 @@ def check_bucket(path, what="path"):
   if not found:
     raise BadPath(f"{what}={text}: the bucket {bucket} does not exist (or these credentials "
                   f"cannot see it); create it with `gcloud storage buckets create {bucket}`")
+
+
+@contextlib.contextmanager
+def _quiet(scheme):
+  """Keeps the filesystem's own logger from printing each retry's traceback: the failure, if
+  any, is reported in one line by the caller."""
+  logger = logging.getLogger(_FILESYSTEMS[scheme])
+  level = logger.level
+  logger.setLevel(logging.CRITICAL)
+  try:
+    yield
+  finally:
+    logger.setLevel(level)
 
 
 def _first_line(e):
