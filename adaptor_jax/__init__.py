@@ -10,4 +10,12 @@ def load_model(path, *, ema=True, device=None):
   return loader.load_model(path, ema=ema, device=device)
 
 
-__all__ = ["create_model", "list_models", "load_model"]
+def load_classifier(path, *, ema=True, device=None):
+  """A run as an image classifier: `.predict(images)` gives each image's top-5 class names and
+  probabilities, through the run's own evaluation preprocessing (uint8 images of any size).
+  See adaptor_jax.training.predict."""
+  from adaptor_jax.training import predict  # noqa: PLC0415 - keeps `import adaptor_jax` light
+  return predict.load_classifier(path, ema=ema, device=device)
+
+
+__all__ = ["create_model", "list_models", "load_classifier", "load_model"]

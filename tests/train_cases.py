@@ -149,6 +149,20 @@ def env(devices=None, optimize=False):
   return e
 
 
+def without_libtpu(directory):
+  """The environment of the Quick start's install, which brings no libtpu: this process's
+  environment with a `libtpu` that does not import ahead of the installed one on PYTHONPATH
+  (written into `directory`), and without the variables importing libtpu set here."""
+  shadow = os.path.join(directory, "no_libtpu", "libtpu")
+  os.makedirs(shadow, exist_ok=True)
+  with open(os.path.join(shadow, "__init__.py"), "w") as f:
+    f.write("raise ImportError('libtpu is not installed')\n")
+  e = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(shadow), REPO]))
+  for name in ("JAX_PLATFORMS", "TPU_LIBRARY_PATH"):
+    e.pop(name, None)
+  return e
+
+
 def train_cmd(workdir, data_dir, compile_cache, *flags):
   """`python train.py` on tests/configs/tiny.py (the demo recipe on a tiny model)."""
   return [sys.executable, os.path.join(REPO, "train.py"), f"--config={TINY_CONFIG}",
@@ -245,7 +259,7 @@ def sharded(out_dir, data_dir, compile_cache):
       t = time.time()
       workdir = os.path.join(out_dir, "workdir")
       mngr = checkpoint.manager(workdir, config)
-      checkpoint.save(mngr, state, data_iter, config)
+      checkpoint.save(mngr, state, data_iter, config, pipeline.class_names(config.data))
       mngr.wait_until_finished()
       mngr.close()
       x = fixed_input(config)

@@ -77,6 +77,15 @@ _WARN_EVERY = 1000  # one summary line every this many failures
 _FILES_NAMED = 5    # files named in messages, the most failed first
 
 
+class DatasetMissing(errors.UserError, FileNotFoundError):
+  """The dataset, or the data_dir it should be in, is not there; the message says how to
+  prepare it."""
+
+
+class DatasetUnusable(errors.UserError, ValueError):
+  """The dataset is there but cannot be read as asked (its file format, a split it lacks)."""
+
+
 class BadDataError(errors.UserError, RuntimeError):
   """Too many records of a split failed to read or decode (config.data.max_bad_fraction)."""
 
@@ -110,7 +119,8 @@ def _how_to_prepare(name, data_dir):
 def open_builder(cfg):
   """The prepared TFDS builder of `cfg.name` in `cfg.data_dir`; `digits` is built if missing.
 
-  Raises FileNotFoundError, saying how to prepare the dataset, when it is not there.
+  Raises DatasetMissing (a FileNotFoundError), saying how to prepare the dataset, when it is
+  not there.
   """
   name, data_dir = cfg.name, cfg.data_dir
   if name == builders.DIGITS_NAME:
@@ -119,21 +129,22 @@ def open_builder(cfg):
     data_dir = str(paths.resolve(data_dir, "config.data.data_dir"))
     paths.check_bucket(data_dir, "config.data.data_dir")
     if not epath.Path(data_dir).is_dir():
-      raise FileNotFoundError(f"config.data.data_dir={data_dir!r} does not exist. "
-                              + _how_to_prepare(name, data_dir))
+      raise DatasetMissing(f"config.data.data_dir={data_dir!r} does not exist. "
+                           + _how_to_prepare(name, data_dir))
   try:
     builder = tfds.builder(name, data_dir=data_dir)
   except tfds.core.registered.DatasetNotFoundError:
     builder = None
-  if builder is None or not builder.is_prepared():
-    raise FileNotFoundError(f"Dataset {name!r} is not prepared in "
-                            f"{data_dir or tfds.core.constants.DATA_DIR}. "
-                            + _how_to_prepare(name, data_dir))
+  # (builder.is_prepared() would log a warning about the missing folder first)
+  if builder is None or not (epath.Path(builder.data_dir) / "dataset_info.json").exists():
+    raise DatasetMissing(f"Dataset {name!r} is not prepared in "
+                         f"{data_dir or tfds.core.constants.DATA_DIR}. "
+                         + _how_to_prepare(name, data_dir))
   file_format = builder.info.file_format
   if file_format is not None and file_format not in _RANDOM_ACCESS_FORMATS:
-    raise ValueError(f"Dataset {name!r} in {builder.data_dir} is stored as {file_format.value}; "
-                     f"the pipeline needs random access (array_record). Rebuild it with "
-                     f"--file_format=array_record.")
+    raise DatasetUnusable(f"Dataset {name!r} in {builder.data_dir} is stored as "
+                          f"{file_format.value}; the pipeline needs random access (array_record). "
+                          "Rebuild it with --file_format=array_record.")
   return builder
 
 
@@ -151,8 +162,8 @@ def _split_info(builder, split):
   try:
     return builder.info.splits[split]
   except (KeyError, ValueError) as e:
-    raise ValueError(f"Dataset {builder.name!r} has no split {split!r} (it has "
-                     f"{sorted(builder.info.splits)}; slices like 'train[:99%]' work).") from e
+    raise DatasetUnusable(f"Dataset {builder.name!r} has no split {split!r} (it has "
+                          f"{sorted(builder.info.splits)}; slices like 'train[:99%]' work).") from e
 
 
 def num_examples(cfg, split):
@@ -163,6 +174,11 @@ def num_examples(cfg, split):
 def num_classes(cfg):
   """Classes of the dataset's "label" feature."""
   return open_builder(cfg).info.features["label"].num_classes
+
+
+def class_names(cfg):
+  """The names of the dataset's classes, in label order."""
+  return list(open_builder(cfg).info.features["label"].names)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -4,7 +4,7 @@
 A workdir holds `checkpoints/<step>/` with one item per concern:
   params   the raw params (pure dict, float32)       ema     their EMA (when config.ema_decay)
   opt      {"step", "opt"}: step and optimizer state  data    the grain iterator, one file per process
-  config   the run's ConfigDict as JSON
+  config   the run's ConfigDict as JSON               labels  {"names": the classes' names}
 Saves are async; the last `config.keep` steps are kept, plus the best by validation EMA top-1
 (top1 in the metrics: EMA's when kept, else raw). Arrays are saved with their shardings and
 can be restored onto any devices (loader.py). The workdir may be a bucket (paths.py): orbax
@@ -12,6 +12,7 @@ writes arrays through TensorStore and the rest through etils.epath; on several h
 process writes its own shards and data iterator state into the one step directory.
 """
 import contextlib
+import logging as pylogging
 import time
 
 import grain
@@ -21,22 +22,34 @@ from absl import logging
 
 from adaptor_jax import errors, paths
 
-ITEMS = ("params", "ema", "opt", "data", "config")
+ITEMS = ("params", "ema", "opt", "data", "config", "labels")
+
+
+class _Benign(pylogging.Filter):
+  """orbax warns that an item has no _CHECKPOINT_METADATA of its own whenever one item of a step
+  is read alone (the step's metadata is one level up, as orbax writes it): nothing is wrong, and
+  a notebook's load_model would print it each time."""
+
+  def filter(self, record):
+    return not record.getMessage().startswith("Metadata file does not exist")
+
+
+logging.get_absl_logger().addFilter(_Benign())
 
 
 def best_metric(metrics):
   return metrics["top1"]
 
 
-def manager(workdir, config=None, read_only=False):
+def manager(workdir, config=None):
   """The run's CheckpointManager on `workdir`/checkpoints (workdir: a path or URL)."""
   policies = ocp.checkpoint_managers
   keep = config.keep if config is not None else 1
   options = ocp.CheckpointManagerOptions(
-      enable_async_checkpointing=True, create=not read_only, read_only=read_only,
+      enable_async_checkpointing=True, create=True,
       # a step a killed run left unfinished (in a bucket: objects without the commit marker,
       # e.g. an old step half deleted) is removed when the run starts again
-      cleanup_tmp_directories=not read_only,
+      cleanup_tmp_directories=True,
       preservation_policy=policies.AnyPreservationPolicy([
           policies.LatestN(keep),
           policies.BestN(get_metric_fn=best_metric, n=1, keep_checkpoints_without_metrics=False),
@@ -45,26 +58,36 @@ def manager(workdir, config=None, read_only=False):
                                options=options)
 
 
-def save(mngr, state, data_iter, config, metrics=None):
+def save(mngr, state, data_iter, config, class_names, metrics=None):
   """Starts an async save of the state at its step (waits for the previous save first)."""
   step = int(jax.device_get(state["step"]))
   items = dict(params=ocp.args.StandardSave(state["params"]),
                opt=ocp.args.StandardSave(dict(step=state["step"], opt=state["opt"])),
                data=grain.checkpoint.CheckpointSave(data_iter),
-               config=ocp.args.JsonSave(config.to_dict()))
+               config=ocp.args.JsonSave(config.to_dict()),
+               labels=ocp.args.JsonSave(dict(names=list(class_names))))
   if state["ema"] is not None:
     items["ema"] = ocp.args.StandardSave(state["ema"])
   mngr.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=True)
 
 
 def newest_saved(mngr):
-  """The newest step whose save has completed, as storage shows it (None: none yet): a step
-  directory under its final name, in a bucket one with orbax's commit marker. Asks none of
-  the manager's own state but its list of steps: a save whose finalize waits in a barrier for
-  a lost process holds the manager's locks (hosts.py asks this while that happens)."""
-  for step in sorted(mngr.all_steps(), reverse=True):
-    path = mngr.directory / str(step)
-    if (path / "commit_success.txt").exists() if paths.is_url(path) else path.exists():
+  """The newest step whose save has completed, as storage shows it (None: none yet). Asks none
+  of the manager's own state but its list of steps: a save whose finalize waits in a barrier
+  for a lost process holds the manager's locks (hosts.py asks this while that happens)."""
+  return newest_step(mngr.directory, mngr.all_steps())
+
+
+def newest_step(directory, steps=None):
+  """The newest complete step in a checkpoints `directory` (None: none): a step directory under
+  its final name (orbax renames it when the save completes), in a bucket one with orbax's
+  commit marker. `steps`: the candidates (default: the integer names in `directory`)."""
+  directory = paths.resolve(directory)
+  if steps is None:
+    steps = [int(p.name) for p in directory.iterdir() if p.name.isdigit()]
+  for step in sorted(steps, reverse=True):
+    path = directory / str(step)
+    if (path / "commit_success.txt").exists() if paths.is_url(path) else path.is_dir():
       return step
   return None
 

@@ -56,8 +56,7 @@ def find(path, ema=True, what="path"):
 
 
 def _latest_step_dir(workdir):
-  with checkpoint.manager(workdir, read_only=True) as mngr:
-    step = mngr.latest_step()
+  step = checkpoint.newest_step(workdir / "checkpoints")
   if step is None:
     raise NotACheckpoint(f"{workdir}: no checkpoint under checkpoints/ yet")
   return workdir / "checkpoints" / str(step)
@@ -74,6 +73,18 @@ def read_config(found):
   config = config_lib.default_config()
   config.update(saved)
   return config
+
+
+def read_class_names(found):
+  """The class names saved with a workdir's or step's checkpoint; None where there are none (a
+  converted checkpoint, or a checkpoint saved before they were)."""
+  if found.kind == "converted":
+    return None
+  path = found.step_dir / "labels" / "metadata"
+  if not path.exists():
+    return None
+  with checkpoint.reading(path):
+    return json.loads(path.read_text())["names"]
 
 
 def load_params(directory, abstract_params, shardings):

@@ -169,6 +169,7 @@ def train_and_evaluate(config, workdir):
   eval_every = round(config.eval_every * steps_per_epoch) or total_steps
   last_step = total_steps if config.max_steps < 0 else min(total_steps, config.max_steps)
   num_classes = config.num_classes
+  class_names = pipeline.class_names(config.data)
   if jax.process_index() == 0:
     paths.write_text(workdir / "config.json", json.dumps(config.to_dict(), indent=2))
 
@@ -229,7 +230,8 @@ def train_and_evaluate(config, workdir):
       stopping = stop_signal(mngr, step)
       if evaluate_now or step % config.checkpoint_every == 0 or stopping:
         watch.flush()  # never a state after a non-finite step
-        checkpoint.save(mngr, state, data_iter, config, metrics=result if evaluate_now else None)
+        checkpoint.save(mngr, state, data_iter, config, class_names,
+                        metrics=result if evaluate_now else None)
       if stopping:
         progress.line(f"stopping at step {step} on a termination signal; checkpoint saved")
         break
