@@ -9,6 +9,7 @@ import json
 from absl import app, flags
 from ml_collections import config_flags
 
+from adaptor_jax import commands
 from adaptor_jax.training import cli, hosts
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file[:arg]; default: the "
@@ -31,4 +32,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(cli.main(main), flags_parser=cli.parse_flags)
+  commands.run(main, flags_parser=cli.parse_flags)

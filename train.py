@@ -1,12 +1,14 @@
 """Trains a model: python train.py --config=configs/b2.py --workdir=DIR [--config.key=value ...].
 
 Resumes from the newest checkpoint in --workdir. A bad flag, config key or value, checkpoint or
-dataset ends in one line naming it (cli.py), exit code 2 for flags, 1 for the others. On several hosts, run the same command on each
+dataset ends in one line naming it, exit code 2 for the command line, 1 for the rest, 75 for a
+lost host (adaptor_jax/commands.py). On several hosts, run the same command on each
 (jax.distributed is initialised from the launcher's environment, or from the flags below).
 """
 from absl import app, flags
 from ml_collections import config_flags
 
+from adaptor_jax import commands
 from adaptor_jax.training import cli, hosts
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file[:arg].",
@@ -33,4 +35,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(cli.main(main), flags_parser=cli.parse_flags)
+  commands.run(main, flags_parser=cli.parse_flags)

@@ -11,6 +11,7 @@ import jax
 from absl import app, flags
 from flax import nnx
 
+from adaptor_jax import commands
 from adaptor_jax.models import counting, registry, vmamba
 
 def _define_flags():
@@ -46,6 +47,9 @@ def main(argv):
   if f.model is None:
     raise app.UsageError(f"--model is required; one of {registry.list_models()} or 'all'")
   names = registry.list_models() if f.model == "all" else [f.model]
+  if names[0] not in registry.list_models():
+    raise app.UsageError(f"--model={f.model}: not a preset; one of {registry.list_models()} or "
+                         "'all'")
   overrides = {}
   if f.form:
     overrides = dict(form=f.form, share_adaptor=f.share_adaptor)
@@ -62,4 +66,4 @@ def main(argv):
 if __name__ == "__main__":
   jax.config.update("jax_platforms", "cpu")
   _define_flags()
-  app.run(main)
+  commands.run(main)

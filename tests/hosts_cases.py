@@ -7,7 +7,7 @@ hosts.watched() runs steps of one all-reduce over both processes, as train.py ru
   fails0, fails1  that process stops at step 20 with a user error (bad data on its shard, say);
                   the other goes on stepping (process 0 hosts the coordination service)
   both_fail       both stop at step 20 with the same user error (a diverged loss, say)
-A user error ends in one line, exit 1 (cli.main, as train.py); a lost peer in the watchdog's.
+A user error ends in one line, exit 1 (commands.main, as train.py); a lost peer in the watchdog's.
 """
 import sys
 import time
@@ -15,8 +15,8 @@ import time
 import jax
 import jax.numpy as jnp
 
-from adaptor_jax import errors
-from adaptor_jax.training import cli, hosts
+from adaptor_jax import commands, errors
+from adaptor_jax.training import hosts
 
 
 def main(case, port, process_id):
@@ -34,4 +34,4 @@ def main(case, port, process_id):
 
 
 if __name__ == "__main__":
-  cli.main(lambda argv: main(argv[1], argv[2], int(argv[3])))(sys.argv)
+  commands.main(lambda argv: main(argv[1], argv[2], int(argv[3])))(sys.argv)

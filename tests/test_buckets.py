@@ -160,7 +160,7 @@ def resumed(bucket, bucket_data, cache, tmp_path_factory):
 
 
 def test_a_killed_bucket_run_resumes_with_the_uninterrupted_losses(resumed, run8):
-  assert "resumed from step" in resumed["err"]
+  assert f"workdir {resumed['workdir']}: resumed from step " in resumed["out"]
   uninterrupted = tc.train_losses(tc.read_metrics(run8))
   assert tc.train_losses(_metrics(resumed["workdir"])) == {s: uninterrupted[s]
                                                            for s in range(1, 7)}
@@ -280,7 +280,7 @@ def test_a_damaged_checkpoint_in_the_bucket_falls_back(resumed, bucket, bucket_d
                         capture_output=True, text=True, env=tc.env(), timeout=600, check=False)
   assert done.returncode == 0, done.stderr[-3000:]
   assert f"checkpoint {workdir}/checkpoints/6/params cannot be read" in done.stderr
-  assert "resumed from step 5" in done.stderr
+  assert f"workdir {workdir}: resumed from step 5" in done.stdout
   steps = sorted(p.name for p in epath.Path(f"{workdir}/checkpoints").iterdir())
   assert steps == ["5", "6", "6.damaged"], steps
   assert tc.train_losses(_metrics(workdir))[6] == tc.train_losses(tc.read_metrics(run8))[6]

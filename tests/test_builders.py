@@ -1,6 +1,7 @@
 """Our dataset builders (adaptor_jax/data/builders.py): digits against sklearn, image folders
 (explicit and random splits, original bytes, files that are not images) and their errors."""
 import collections
+import json
 import logging
 import subprocess
 import sys
@@ -38,6 +39,8 @@ def test_digits_builder_matches_sklearn(digits_dir):
     if split == "validation":  # stratified 20%: every class 35..37 of its ~180
       assert all(35 <= per_class[c] <= 37 for c in range(10)), per_class
   assert sorted(seen) == list(range(1797)) and set(seen.values()) == {1}
+  info = json.loads((digits_dir / "digits" / "1.0.0" / "dataset_info.json").read_text())
+  assert info["moduleName"] == "adaptor_jax.data.builders"
   shard = next((digits_dir / "digits" / "1.0.0").glob("digits-train.array_record*"))
   mtime = shard.stat().st_mtime_ns
   builders.build_digits(digits_dir)  # prepared already: nothing is rewritten
@@ -132,10 +135,11 @@ def test_image_folder_refuses_files_that_are_not_images(tmp_path, caplog):
 
 def test_files_to_build_from_must_be_local():
   """--root and --source name files on this machine (--data_dir may be a bucket): a URL there
-  ends in one line."""
+  ends in one line, exit 2 (the command line)."""
   done = subprocess.run([sys.executable, "-m", "adaptor_jax.data.builders",
                          "--dataset=image_folder", "--root=gs://bkt/images", "--name=x"],
                         capture_output=True, text=True, check=False)
-  assert done.returncode == 1 and done.stderr.strip() == (
-      "builders: --root=gs://bkt/images: the files to build from must be on this machine's disk "
-      "(copy them first, e.g. gcloud storage cp -r); --data_dir may be a bucket"), done.stderr
+  assert done.returncode == 2 and done.stderr.strip() == (
+      "adaptor_jax.data.builders: --root=gs://bkt/images: the files to build from must be on "
+      "this machine's disk (copy them first, e.g. gcloud storage cp -r); --data_dir may be a "
+      "bucket"), done.stderr

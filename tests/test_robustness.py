@@ -31,7 +31,7 @@ def _train(workdir, robust_data, *flags, timeout=600):
   cmd = _cmd(workdir, robust_data, *flags)
   done = subprocess.run(cmd, capture_output=True, text=True, cwd=tc.REPO, env=tc.env(),
                         timeout=timeout, check=False)
-  return done.returncode, done.stderr
+  return done.returncode, done.stdout + done.stderr  # the run's lines, then its errors
 
 
 def _last_line(stderr):

@@ -12,14 +12,25 @@ is `cli(module)`:
 import argparse
 import io
 import json
+import pickle
+import zipfile
 
 import jax
 import numpy as np
 from absl import app, flags
 from flax import nnx
 
-from adaptor_jax import errors, paths
+from adaptor_jax import commands, errors, paths
 from adaptor_jax.models import registry
+
+class CheckpointMismatch(errors.UserError, ValueError):
+  """An official checkpoint that does not fit the model (its keys or shapes), or a model the
+  official layout cannot hold; the message names the keys."""
+
+
+class CheckpointUnreadable(errors.UserError, OSError):
+  """A checkpoint file that is missing, or that its reader cannot read (the message names it)."""
+
 
 same = (lambda w: w, lambda p: p)
 linear = (lambda w: w.reshape(w.shape[:2]).T, lambda k: k.T)       # (out, in[, 1, 1]) <-> (in, out)
@@ -41,7 +52,7 @@ def load(model, state_dict, entries, family, keep=lambda path: False):
   unexpected = sorted(set(state_dict) - expected)
   missing = [key for key, _, _ in entries if key not in state_dict]
   if missing or unexpected:
-    raise ValueError(f"{family} checkpoint does not match the model: missing keys "
+    raise CheckpointMismatch(f"{family} checkpoint does not match the model: missing keys "
                      f"{_some(missing)}; unexpected keys {_some(unexpected)}")
   params = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
   covered = set()
@@ -52,14 +63,15 @@ def load(model, state_dict, entries, family, keep=lambda path: False):
       value = None
     want = params[path].shape
     if value is None or value.shape != tuple(want):
-      raise ValueError(f"{family} checkpoint key {key!r} has shape "
+      raise CheckpointMismatch(f"{family} checkpoint key {key!r} has shape "
                        f"{tuple(np.shape(state_dict[key]))}, which does not give this model's "
                        f"{want} for {'/'.join(map(str, path))}")
     params[path].set_value(jax.numpy.asarray(value))
     covered.add(path)
   left = [p for p in params if p not in covered and not keep(p)]
   if left:
-    raise ValueError(f"{family} layout leaves params unset: {['/'.join(map(str, p)) for p in left]}")
+    raise CheckpointMismatch(f"{family} layout leaves params unset: "
+                             f"{['/'.join(map(str, p)) for p in left]}")
 
 
 def dump(model, entries):
@@ -74,27 +86,47 @@ def read_checkpoint(path, key="model"):
   file or an .npz; `path` may be a URL (read whole into memory)."""
   path = paths.resolve(path, "--checkpoint")
   if not path.is_file():
-    raise FileNotFoundError(f"{path}: no such file")
-  if path.suffix == ".npz":
-    with np.load(io.BytesIO(path.read_bytes())) as f:
-      return {k: f[k] for k in f.files}
+    raise CheckpointUnreadable(f"{path}: no such file")
+  data = path.read_bytes()
+  if path.suffix == ".npz":  # arrays only: np.load refuses pickled objects
+    try:
+      with np.load(io.BytesIO(data)) as f:
+        return {k: f[k] for k in f.files}
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+      raise CheckpointUnreadable(f"{path}: not a readable .npz ({_first_line(e)})") from None
   try:
-    import torch  # optional: pip install -e '.[convert]'
-  except ImportError as e:
-    raise ImportError(f"reading {path} needs torch: pip install -e '.[convert]', or convert it "
-                      "to .npz where torch is available") from e
-  if path.suffix == ".safetensors":
-    from safetensors.torch import load  # noqa: PLC0415 - optional, comes with the extra
-    ckpt = load(path.read_bytes())
-  else:
-    # training checkpoints (DeiT-style main.py: Vim, ...) also hold the run's argparse args
-    with torch.serialization.safe_globals([argparse.Namespace]):
-      ckpt = torch.load(io.BytesIO(path.read_bytes()), map_location="cpu", weights_only=True)
+    import torch  # noqa: PLC0415 - optional: pip install -e '.[convert]'
+  except ImportError:
+    raise CheckpointUnreadable(f"reading {path} needs torch: pip install -e '.[convert]', or "
+                               "convert it to .npz where torch is available") from None
+  unreadable = (RuntimeError, ValueError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile)
+  try:
+    if path.suffix == ".safetensors":
+      try:
+        import safetensors  # noqa: PLC0415 - optional
+        from safetensors.torch import load  # noqa: PLC0415
+      except ImportError:
+        raise CheckpointUnreadable(f"reading {path} needs safetensors: pip install "
+                                   "safetensors") from None
+      unreadable += (safetensors.SafetensorError,)
+      ckpt = load(data)
+    else:
+      # weights_only: tensors and containers, never code; training checkpoints (DeiT-style
+      # main.py: Vim, ...) also hold the run's argparse args
+      with torch.serialization.safe_globals([argparse.Namespace]):
+        ckpt = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+  except unreadable as e:
+    raise CheckpointUnreadable(f"{path}: not a readable {path.suffix or 'torch'} checkpoint "
+                               f"({_first_line(e)})") from None
   if key in ckpt and isinstance(ckpt[key], dict):
     ckpt = ckpt[key]
   elif any(isinstance(v, dict) for v in ckpt.values()):
-    raise ValueError(f"{path}: no state dict under {key!r}; it holds {sorted(ckpt)}")
+    raise CheckpointMismatch(f"{path}: no state dict under {key!r}; it holds {sorted(ckpt)}")
   return {k: v.float().numpy() for k, v in ckpt.items()}
+
+
+def _first_line(e):
+  return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
 
 
 def write_checkpoint(path, state_dict):
@@ -148,16 +180,7 @@ def cli(family):
   flags.DEFINE_string("input", None, "Export: a converter output, a workdir or a step directory.")
   flags.DEFINE_integer("seed", 0, "Import: init seed of params the layout keeps (adaptors).")
   jax.config.update("jax_platforms", "cpu")
-  app.run(lambda argv: _one_line(family, flags.FLAGS))
-
-
-def _one_line(family, f):
-  """_main, with a checkpoint that does not fit, a missing file or a missing extra reported in
-  one line (exit 1) instead of a traceback."""
-  try:
-    _main(family, f)
-  except (errors.UserError, ValueError, OSError, ImportError) as e:
-    raise SystemExit(f"{family.FAMILY} converter: {e}") from None
+  commands.run(lambda argv: _main(family, flags.FLAGS))
 
 
 def _main(family, f):
@@ -169,8 +192,8 @@ def _main(family, f):
     from adaptor_jax.training import loader  # noqa: PLC0415 - the CLI's only use of it
     model, _ = loader.load_model(f.input)
     if not isinstance(model, family.MODEL_CLASS):
-      raise SystemExit(f"--export: {f.input} holds a {type(model).__name__}, not a "
-                       f"{family.FAMILY}")
+      raise CheckpointMismatch(f"--export: {f.input} holds a {type(model).__name__}, not a "
+                               f"{family.FAMILY}")
     family.check_export(model, f.input)
     write_checkpoint(f.checkpoint, family.to_state_dict(model))
     print(f"wrote {f.checkpoint}")

@@ -109,8 +109,8 @@ def _check(model, state_dict):
   for pattern, why in FOREIGN:
     keys = [key for key in state_dict if re.search(pattern, key)]
     if keys:
-      raise ValueError(f"Vim checkpoint keys {sd._some(keys)} are from an official variant "
-                       f"this model cannot represent: {why}")
+      raise sd.CheckpointMismatch(f"Vim checkpoint keys {sd._some(keys)} are from an official "
+                                  f"variant this model cannot represent: {why}")
   for key, want in official_shapes(model).items():
     if key in state_dict and tuple(np.shape(state_dict[key])) != want:
       got = tuple(np.shape(state_dict[key]))
@@ -118,8 +118,8 @@ def _check(model, state_dict):
       if key == "pos_embed" and len(got) == 3 and len(want) == 3:
         hint = (f" ({_grid(want[1])} against the checkpoint's {_grid(got[1])}: another stride "
                 "or image size; import into the preset the checkpoint was trained as)")
-      raise ValueError(f"Vim checkpoint key {key!r} has shape {got}, this model's is "
-                       f"{want}{hint}")
+      raise sd.CheckpointMismatch(f"Vim checkpoint key {key!r} has shape {got}, this model's "
+                                  f"is {want}{hint}")
 
 
 def from_state_dict(model, state_dict):

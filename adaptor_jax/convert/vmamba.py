@@ -87,8 +87,9 @@ def to_state_dict(model):
   params = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
   adaptors = [p for p in params if _is_adaptor(p)]
   if adaptors:
-    raise ValueError(f"this model has adaptor params ({len(adaptors)}, e.g. "
-                     f"{'/'.join(map(str, adaptors[0]))}), which the VMamba layout cannot hold")
+    raise sd.CheckpointMismatch(f"this model has adaptor params ({len(adaptors)}, e.g. "
+                                f"{'/'.join(map(str, adaptors[0]))}), which the VMamba layout "
+                                "cannot hold")
   return sd.dump(model, layout(model))
 
 
@@ -107,8 +108,9 @@ def needs_init(preset):
 def check_export(model, where):
   """Refuses a model the official layout cannot hold (one with adaptors)."""
   if model.form != "none":
-    raise SystemExit(f"--export: {where} holds a VMamba with adaptors (form {model.form}); the "
-                     "official VMamba layout has no place for them")
+    raise sd.CheckpointMismatch(f"--export: {where} holds a VMamba with adaptors (form "
+                                f"{model.form}); the official VMamba layout has no place for "
+                                "them")
 
 
 if __name__ == "__main__":

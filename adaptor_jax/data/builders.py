@@ -39,7 +39,7 @@ import tensorflow_datasets as tfds
 from absl import app, flags, logging
 from etils import epath
 
-from adaptor_jax import paths
+from adaptor_jax import commands, errors, paths
 from adaptor_jax.data import transforms
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
@@ -49,6 +49,14 @@ DIGITS_VALIDATION_FRACTION = 0.2
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
 DEFAULT_VERSION = "1.0.0"  # of digits and image folders
 _BAD_NAMED = 5  # bad files named in a message
+
+
+class SourceMissing(errors.UserError, FileNotFoundError):
+  """A file or directory to build a dataset from is not there."""
+
+
+class BuildError(errors.UserError, ValueError):
+  """What to build from, or how, is not what a builder can take (the message names it)."""
 
 
 def _features(class_names):
@@ -88,6 +96,13 @@ class _Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   def _generate_examples(self, rows):
     yield from rows
 
+  def _log_download_bytes(self):
+    """TFDS prints 'Downloading and preparing dataset Unknown size ...': nothing is downloaded
+    here, and build_once says what was built where."""
+
+  def _log_download_done(self):
+    """(See _log_download_bytes.)"""
+
 
 def _file_examples(rows):
   """(key, example) of rows (file_name, label, encoded bytes or a path), keyed by file_name."""
@@ -101,7 +116,7 @@ def _file_examples(rows):
 def _builder_class(name, version=DEFAULT_VERSION):
   """A `_Builder` subclass named `name` (the TFDS name comes from the class attribute)."""
   version = str(version)
-  attrs = {"name": name}
+  attrs = {"name": name, "__module__": __name__}  # else type() names abc (dataset_info.json)
   if version != DEFAULT_VERSION:  # a catalog dataset's version
     attrs.update(VERSION=tfds.core.Version(version),
                  RELEASE_NOTES={version: "Built by adaptor_jax.data.builders."})
@@ -185,8 +200,11 @@ def build_once(name, version, data_dir, overwrite, write, *args):
     if overwrite or not _is_prepared(name, data_dir, version):
       with _staged(name, data_dir, version) as local:
         write(local, *args)
-    else:
-      logging.info("Reusing %s in %s", name, data_dir)
+      built = tfds.builder_from_directory(os.fspath(_version_dir(name, data_dir, version)))
+      splits = ", ".join(f"{s} {i.num_examples}" for s, i in built.info.splits.items())
+      print(f"built the dataset {name} {version} in {built.data_dir} ({splits})", flush=True)
+      return built
+    logging.info("Reusing %s in %s", name, data_dir)
   return tfds.builder_from_directory(os.fspath(_version_dir(name, data_dir, version)))
 
 
@@ -224,8 +242,12 @@ def _png_rgb(gray_u8):
 def build_digits(data_dir=None):
   """Prepares `digits` under `data_dir` (a path or URL; TFDS default when None) unless it is
   there already. Returns a read-only builder of the prepared dataset. file_name is
-  "<sklearn index>.png"."""
-  return build_once(DIGITS_NAME, DEFAULT_VERSION, data_dir, False, _write_digits)
+  "<sklearn index>.png". (It takes a second: no progress bars.)"""
+  tfds.display_progress_bar(False)
+  try:
+    return build_once(DIGITS_NAME, DEFAULT_VERSION, data_dir, False, _write_digits)
+  finally:
+    tfds.display_progress_bar(True)
 
 
 def _write_digits(data_dir):
@@ -271,19 +293,19 @@ def _scan(root, class_names=None):
 def _folder_examples(root, validation_fraction, seed):
   """(class names, {split: [(file_name, label, path)]}) of an image folder."""
   if not os.path.isdir(root):
-    raise FileNotFoundError(f"Image folder root {root!r} does not exist.")
+    raise SourceMissing(f"Image folder root {root!r} does not exist.")
   explicit = all(os.path.isdir(os.path.join(root, s)) for s in ("train", "validation"))
   if explicit:
     class_names = _class_dirs(os.path.join(root, "train"))
     extra = set(_class_dirs(os.path.join(root, "validation"))) - set(class_names)
     if extra:
-      raise ValueError(f"{root}/validation has classes missing from {root}/train: {sorted(extra)}")
+      raise BuildError(f"{root}/validation has classes missing from {root}/train: {sorted(extra)}")
     split_files = {s: _scan(os.path.join(root, s), class_names) for s in ("train", "validation")}
     examples = {s: [(f, i, os.path.join(root, s, f)) for i, c in enumerate(class_names)
                     for f in files[c]] for s, files in split_files.items()}
   else:
     if not 0.0 <= validation_fraction < 1.0:
-      raise ValueError(f"validation_fraction must be in [0, 1), got {validation_fraction}")
+      raise BuildError(f"validation_fraction must be in [0, 1), got {validation_fraction}")
     files = _scan(root)
     class_names = sorted(files)
     rng = np.random.default_rng(seed)
@@ -297,7 +319,7 @@ def _folder_examples(root, validation_fraction, seed):
   examples = {s: rows for s, rows in examples.items() if rows}
   if not class_names or "train" not in examples:
     layout = "root/train/<class>/*.jpg" if explicit else "root/<class>/*.jpg"
-    raise ValueError(f"No images ({', '.join(IMAGE_EXTENSIONS)}) found under {root!r}; "
+    raise BuildError(f"No images ({', '.join(IMAGE_EXTENSIONS)}) found under {root!r}; "
                      f"expected {layout}.")
   empty = [c for i, c in enumerate(class_names)
            if not any(label == i for rows in examples.values() for _, label, _ in rows)]
@@ -309,14 +331,14 @@ def _folder_examples(root, validation_fraction, seed):
 def check_name(name):
   """Raises ValueError unless `name` can name a new TFDS dataset (not one TFDS already knows)."""
   if not _NAME_RE.match(name or ""):
-    raise ValueError(f"Dataset name {name!r} must match {_NAME_RE.pattern} (snake_case).")
+    raise BuildError(f"Dataset name {name!r} must match {_NAME_RE.pattern} (snake_case).")
   if name == DIGITS_NAME:
-    raise ValueError(f"Dataset name {name!r} is reserved for the demo dataset.")
+    raise BuildError(f"Dataset name {name!r} is reserved for the demo dataset.")
   try:
     tfds.builder_cls(name)
   except tfds.core.registered.DatasetNotFoundError:
     return
-  raise ValueError(f"Dataset name {name!r} is a TFDS catalog dataset; choose another name.")
+  raise BuildError(f"Dataset name {name!r} is a TFDS catalog dataset; choose another name.")
 
 
 def build_image_folder(root, data_dir, name, validation_fraction=0.1, seed=0, overwrite=False,
@@ -371,7 +393,7 @@ def _checked_rows(root, examples, skip_bad):
   bad.sort()
   what = f"Image folder {root}: {len(bad)} of {total} files do not decode as images: "
   if not skip_bad:
-    raise ValueError(what + bad_list(bad) + "; fix or remove them, or pass skip_bad=True "
+    raise BuildError(what + bad_list(bad) + "; fix or remove them, or pass skip_bad=True "
                      "(--skip_bad) to leave them out.")
   logging.warning("%s%s; left out (skip_bad).", what, bad_list(bad))
   paths = {os.path.join(root, rel) for rel, _ in bad}
@@ -384,7 +406,7 @@ def _write_image_folder(data_dir, root, name, validation_fraction, seed, skip_ba
   class_names, examples = _folder_examples(root, validation_fraction, seed)
   examples = _checked_rows(root, examples, skip_bad)
   if "train" not in examples:
-    raise ValueError(f"Image folder {root}: no train image decodes.")
+    raise BuildError(f"Image folder {root}: no train image decodes.")
   write(name, data_dir, _features(class_names),
          {s: _file_examples(rows) for s, rows in examples.items()}, f"Image folder {root}.")
   logging.info("Built %s in %s from %s: %s", name, data_dir, root,
@@ -420,9 +442,9 @@ def main(argv):
   f = flags.FLAGS
   for name in ("root", "source"):
     if f[name].value and paths.is_url(f[name].value):
-      raise SystemExit(f"builders: --{name}={f[name].value}: the files to build from must be on "
-                       "this machine's disk (copy them first, e.g. gcloud storage cp -r); "
-                       "--data_dir may be a bucket")
+      raise app.UsageError(f"--{name}={f[name].value}: the files to build from must be on "
+                           "this machine's disk (copy them first, e.g. gcloud storage cp -r); "
+                           "--data_dir may be a bucket")
   if f.dataset == "digits":
     builder = build_digits(f.data_dir)
   elif f.dataset == "image_folder":
@@ -445,4 +467,4 @@ def main(argv):
 
 if __name__ == "__main__":
   _define_flags()
-  app.run(main)
+  commands.run(main)

@@ -24,6 +24,7 @@ import tensorflow_datasets as tfds
 from absl import logging
 
 from adaptor_jax.data import builders
+from adaptor_jax.data.builders import BuildError, SourceMissing
 
 
 CIFAR100_NAME, CIFAR100_VERSION = "cifar100", "3.0.2"
@@ -47,11 +48,11 @@ def _open_tar(path, what):
   """The tar archive `path` opened for reading; one-line errors when it is missing or bad."""
   path = os.path.expanduser(os.fspath(path))
   if not os.path.isfile(path):
-    raise FileNotFoundError(f"{what} archive {path!r} does not exist.")
+    raise SourceMissing(f"{what} archive {path!r} does not exist.")
   try:
     return tarfile.open(path, "r:*")
   except (tarfile.TarError, OSError, EOFError) as e:
-    raise ValueError(f"{path}: not a readable tar archive ({e}).") from None
+    raise BuildError(f"{path}: not a readable tar archive ({e}).") from None
 
 
 def _members(tar):
@@ -63,7 +64,7 @@ def _members(tar):
 def _read_member(tar, members, name):
   """The bytes of archive member `name`; FileNotFoundError naming the archive if it's absent."""
   if name not in members:
-    raise FileNotFoundError(f"{tar.name}: no member {name!r}.")
+    raise SourceMissing(f"{tar.name}: no member {name!r}.")
   return tar.extractfile(members[name]).read()
 
 
@@ -75,13 +76,13 @@ def _cifar100_pickle(tar, members, name, keys):
   try:  # the archive's pickles come from Python 2: their str's load as bytes
     data = pickle.loads(_read_member(tar, members, name), encoding="bytes")
   except (pickle.UnpicklingError, EOFError) as e:
-    raise ValueError(f"{tar.name}: {name} is not a readable pickle ({e}).") from None
+    raise BuildError(f"{tar.name}: {name} is not a readable pickle ({e}).") from None
   if not isinstance(data, dict):
-    raise ValueError(f"{tar.name}: {name} holds a {type(data).__name__}, not a dict.")
+    raise BuildError(f"{tar.name}: {name} holds a {type(data).__name__}, not a dict.")
   data = {k.decode() if isinstance(k, bytes) else k: v for k, v in data.items()}
   missing = [k for k in keys if k not in data]
   if missing:
-    raise ValueError(f"{tar.name}: {name} has no {missing} (is it CIFAR-100's python version?).")
+    raise BuildError(f"{tar.name}: {name} has no {missing} (is it CIFAR-100's python version?).")
   return data
 
 
@@ -92,7 +93,7 @@ def _cifar100_names(tar, members):
   names = [[n.decode() if isinstance(n, bytes) else str(n) for n in meta[k]]
            for k in ("fine_label_names", "coarse_label_names")]
   if [len(n) for n in names] != [100, 20]:
-    raise ValueError(f"{tar.name}: {name} has {len(names[0])} fine and {len(names[1])} coarse "
+    raise BuildError(f"{tar.name}: {name} has {len(names[0])} fine and {len(names[1])} coarse "
                      f"label names; CIFAR-100 has 100 and 20.")
   return names
 
@@ -103,17 +104,17 @@ def _cifar100_split(tar, members, split):
   data = _cifar100_pickle(tar, members, name, ("data", "fine_labels", "coarse_labels"))
   pixels = np.asarray(data["data"])
   if pixels.dtype != np.uint8 or pixels.ndim != 2 or pixels.shape[1] != 3072:
-    raise ValueError(f"{tar.name}: {name} data is {pixels.dtype} {pixels.shape}, expected "
+    raise BuildError(f"{tar.name}: {name} data is {pixels.dtype} {pixels.shape}, expected "
                      f"uint8 (N, 3072).")
   images = pixels.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)  # rows are CHW
   labels = []
   for key, num in (("fine_labels", 100), ("coarse_labels", 20)):
     values = np.asarray(data[key], np.int64).reshape(-1)
     if len(values) != len(images):
-      raise ValueError(f"{tar.name}: {name} has {len(values)} {key} for {len(images)} images.")
+      raise BuildError(f"{tar.name}: {name} has {len(values)} {key} for {len(images)} images.")
     bad = np.flatnonzero((values < 0) | (values >= num))
     if bad.size:
-      raise ValueError(f"{tar.name}: {name} {key}[{bad[0]}] = {values[bad[0]]} is out of range "
+      raise BuildError(f"{tar.name}: {name} {key}[{bad[0]}] = {values[bad[0]]} is out of range "
                        f"0..{num - 1}.")
     labels.append(values)
   return images, labels[0], labels[1]
@@ -165,7 +166,7 @@ def _svhn_files(source):
   """{split: path} of the .mat files in directory `source`; `extra` may be missing."""
   source = os.path.expanduser(os.fspath(source))
   if not os.path.isdir(source):
-    raise FileNotFoundError(f"SVHN directory {source!r} does not exist.")
+    raise SourceMissing(f"SVHN directory {source!r} does not exist.")
   files = {}
   for split, file_name in SVHN_FILES.items():
     path = os.path.join(source, file_name)
@@ -174,7 +175,7 @@ def _svhn_files(source):
     elif split == "extra":
       logging.warning("%s not found: building %s without its 'extra' split.", path, SVHN_NAME)
     else:
-      raise FileNotFoundError(f"SVHN file {path!r} does not exist.")
+      raise SourceMissing(f"SVHN file {path!r} does not exist.")
   return files
 
 
@@ -184,10 +185,10 @@ def _svhn_mat(path, names):
   try:
     data = sio.loadmat(path, variable_names=names)
   except (ValueError, OSError, NotImplementedError, sio.matlab.MatReadError) as e:
-    raise ValueError(f"{path}: not a readable .mat file ({e}).") from None
+    raise BuildError(f"{path}: not a readable .mat file ({e}).") from None
   missing = [n for n in names if n not in data]
   if missing:
-    raise ValueError(f"{path} has no variable {missing[0]!r} (is it SVHN's *_32x32.mat?).")
+    raise BuildError(f"{path} has no variable {missing[0]!r} (is it SVHN's *_32x32.mat?).")
   return data
 
 
@@ -199,10 +200,10 @@ def _svhn_labels(path):
   shapes = {n: (shape, cls) for n, shape, cls in sio.whosmat(path)}
   x_shape, x_class = shapes.get("X", (None, None))
   if x_shape is None or tuple(x_shape) != (32, 32, 3, len(y)) or x_class != "uint8":
-    raise ValueError(f"{path}: X is {x_class} {x_shape}, expected uint8 (32, 32, 3, {len(y)}).")
+    raise BuildError(f"{path}: X is {x_class} {x_shape}, expected uint8 (32, 32, 3, {len(y)}).")
   bad = np.flatnonzero((y < 1) | (y > 10) | (y != np.round(y)))
   if bad.size:
-    raise ValueError(f"{path}: y[{bad[0]}] = {y[bad[0]]} is out of range 1..10.")
+    raise BuildError(f"{path}: y[{bad[0]}] = {y[bad[0]]} is out of range 1..10.")
   return y.astype(np.int64) % 10
 
 
@@ -262,7 +263,7 @@ def _food101_rows(tar, members, class_names):
   index = {c: i for i, c in enumerate(class_names)}
   for n, c in _food101_lines(tar, members, "food-101/meta/classes.txt"):
     if c not in index:
-      raise ValueError(f"{tar.name}: food-101/meta/classes.txt line {n}: unknown class {c!r} "
+      raise BuildError(f"{tar.name}: food-101/meta/classes.txt line {n}: unknown class {c!r} "
                        f"(not in TFDS' Food-101 names).")
   rows = {}
   for split, list_name in (("train", "food-101/meta/train.txt"),
@@ -271,15 +272,15 @@ def _food101_rows(tar, members, class_names):
     for n, image_name in _food101_lines(tar, members, list_name):
       c, _, _ = image_name.partition("/")
       if c not in index:
-        raise ValueError(f"{tar.name}: {list_name} line {n}: unknown class {c!r} in "
+        raise BuildError(f"{tar.name}: {list_name} line {n}: unknown class {c!r} in "
                          f"{image_name!r} (not in TFDS' Food-101 names).")
       if image_name in seen:
-        raise ValueError(f"{tar.name}: {list_name} line {n}: {image_name!r} is listed twice.")
+        raise BuildError(f"{tar.name}: {list_name} line {n}: {image_name!r} is listed twice.")
       seen.add(image_name)
       member = f"food-101/images/{image_name}.jpg"
       if member not in members:
-        raise FileNotFoundError(f"{tar.name}: no member {member!r} (listed in {list_name} "
-                                f"line {n}).")
+        raise SourceMissing(f"{tar.name}: no member {member!r} (listed in {list_name} "
+                            f"line {n}).")
       rows[split].append((image_name, index[c], members[member]))
   return rows
 
@@ -300,7 +301,7 @@ def _food101_examples(tar, split, rows):
     else:
       yield image_name, {"image": data, "label": label}
   if bad:
-    raise ValueError(f"{tar.name}: {len(bad)} of the {len(rows)} {split} images do not decode: "
+    raise BuildError(f"{tar.name}: {len(bad)} of the {len(rows)} {split} images do not decode: "
                      f"{builders.bad_list(bad)}.")
 
 

@@ -4,6 +4,7 @@ Measured counts (python -m adaptor_jax.summary) are in the README; tests/test_mo
 """
 from flax import nnx
 
+from adaptor_jax import errors
 from adaptor_jax.models import deit, vim
 from adaptor_jax.models.vmamba import VSSM
 
@@ -54,4 +55,8 @@ def create_model(name, *, num_classes=1000, rngs: nnx.Rngs, **overrides):
     return vim.Vim(**{**vim.PRESETS[name], **overrides}, num_classes=num_classes, rngs=rngs)
   if name in deit.PRESETS:
     return deit.DeiT(**{**deit.PRESETS[name], **overrides}, num_classes=num_classes, rngs=rngs)
-  raise ValueError(f"create_model: unknown model {name!r}; choose one of {list_models()}")
+  raise UnknownModel(f"create_model: unknown model {name!r}; choose one of {list_models()}")
+
+
+class UnknownModel(errors.UserError, ValueError):
+  """A model name that is not a preset."""

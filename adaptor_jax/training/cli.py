@@ -1,20 +1,13 @@
-"""What train.py and eval.py share around absl: flag parsing whose bad --config file, key, type
-or value ends in one line naming it, and user errors (errors.UserError) printed as one line.
+"""The flag parsing train.py and eval.py add to adaptor_jax/commands.py: a bad --config file,
+`:arg`, key, type or value ends in one line naming it (exit 2).
 
-  app.run(cli.main(main), flags_parser=cli.parse_flags)
+  commands.run(main, flags_parser=cli.parse_flags)
 """
-import functools
-import os
-import sys
+import re
 
 from absl import flags
 
-from adaptor_jax import errors
-
-
-def _say(message, code):
-  print(f"{os.path.basename(sys.argv[0])}: {message}", file=sys.stderr)
-  sys.exit(code)
+from adaptor_jax import commands
 
 
 def _unknown_keys(argv):
@@ -33,29 +26,23 @@ def _unknown_keys(argv):
 
 
 def parse_flags(argv):
-  """absl's flag parsing; a bad flag or --config override exits 2 with one line."""
+  """absl's flag parsing; a bad flag, --config file or override exits 2 with one line."""
   try:
     args = flags.FLAGS(argv)
     if "config" in flags.FLAGS and flags.FLAGS["config"].present:
       flags.FLAGS.config.keys()  # a config file that failed to load raises only when read
     return args
   except (flags.Error, OSError) as e:  # a config file's own error is its message's last line
-    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-    _say(lines[-1] if len(lines) > 1 else f"{e} (--help lists the flags)", 2)
+    missing = re.search(r"No such file or directory: '(.*)'", str(e))
+    if missing:  # the config file itself (ml_collections wraps the OSError)
+      commands.say(f"--config: no such file {missing.group(1)}", commands.USAGE)
+    lines = [line for line in str(e).splitlines() if line.strip()]
+    if len(lines) > 1:
+      commands.say(commands.first_line(e), commands.USAGE)
+    commands.say(f"{e} (--help lists the flags)", commands.USAGE)
   except (AttributeError, KeyError, TypeError, ValueError) as e:  # ml_collections overrides
     unknown = _unknown_keys(argv)
     if unknown:
-      _say(f"{unknown[0]}: unknown key; every key is documented in "
-           "adaptor_jax/training/config.py", 2)
-    _say(f"bad --config: {str(e).strip(chr(34))}", 2)
-
-
-def main(fn):
-  """`fn` (an absl main) with user errors printed as one line and exit code 1."""
-  @functools.wraps(fn)
-  def wrapped(argv):
-    try:
-      return fn(argv)
-    except errors.UserError as e:
-      _say(str(e), 1)
-  return wrapped
+      commands.say(f"{unknown[0]}: unknown key; every key is documented in "
+                   "adaptor_jax/training/config.py", commands.USAGE)
+    commands.say(f"bad --config: {str(e).strip(chr(34))}", commands.USAGE)

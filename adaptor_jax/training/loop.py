@@ -146,6 +146,15 @@ class _FiniteWatch:
                     "tolerated)", step, m["loss"], m["grad_norm"], self.skipped, self.tolerated)
 
 
+def _said(result):
+  """An evaluation as a line: top-1 and top-5 of the EMA (and the raw weights), the images."""
+  def both(k):
+    if "ema_top1" not in result:
+      return f"{result[k]:.2%}"
+    return f"{result['ema_' + k]:.2%} (raw {result['raw_' + k]:.2%})"
+  return f"top-1 {both('top1')}, top-5 {both('top5')}, {result['n']} images"
+
+
 def _newest(mngr):
   step = checkpoint.newest_saved(mngr)
   if step is None:
@@ -184,20 +193,32 @@ def train_and_evaluate(config, workdir):
                                       seed=config.seed)
   mngr = checkpoint.manager(workdir, config)
   hosts.tell_newest(lambda: _newest(mngr))
+  begin = "step 0"
   if mngr.latest_step() is not None:
     state, resumed = checkpoint.restore_newest(mngr, state, shardings, data_iter)
-    logging.info("resumed from step %d", resumed)
+    begin = f"resumed from step {resumed}"
   elif config.init_from:
     state = init_from.apply(state, shardings, config, workdir)
-  train_step = steps.make_train_step(net, tx, config, num_classes, shardings, mesh)
-  eval_step = steps.make_eval_step(net, config, shardings["params"], mesh)
+    begin = f"step 0, from {config.init_from} (init_from.json says what was loaded)"
   step = start = int(jax.device_get(state["step"]))
   progress = Progress(workdir, total_steps=total_steps, batch_size=config.batch_size,
                       start_step=step)
-  progress.line(f"{config.model}: {counts['params']:,} params, {counts['trainable']:,} of them "
-                f"trained ({counts['trainable_share']:.2%}); {n_train} training images, "
-                f"{steps_per_epoch} steps/epoch, {total_steps} steps, mesh {dict(mesh.shape)}, "
-                f"from step {step}")
+  trained = ("all trained" if counts["trainable"] == counts["params"] else
+             f"{counts['trainable']:,} of them trained ({counts['trainable_share']:.2%})")
+  progress.line(f"{config.model}: {counts['params']:,} params, {trained}; mesh "
+                f"{dict(mesh.shape)}; {config.data.name} from "
+                f"{pipeline.open_builder(config.data).data_dir}: {n_train} training images, "
+                f"{steps_per_epoch} steps/epoch, {total_steps} steps")
+  if step >= last_step:
+    progress.line(f"workdir {workdir}: complete at step {step} of {last_step}; nothing to train "
+                  f"(raise config.max_steps or config.epochs to go on; eval.py evaluates it)")
+    mngr.close()
+    progress.close()
+    data_iter.close()
+    return {}
+  progress.line(f"workdir {workdir}: {begin}")
+  train_step = steps.make_train_step(net, tx, config, num_classes, shardings, mesh)
+  eval_step = steps.make_eval_step(net, config, shardings["params"], mesh)
   stop_signal = _StopSignal()
   watch = _FiniteWatch(config.skip_nonfinite)
   result = {}
@@ -226,7 +247,7 @@ def train_and_evaluate(config, workdir):
           evaluate_now, result = False, {}
         else:
           progress.scalars(step, result, prefix="eval/")
-          progress.line(f"eval at step {step}: " + json.dumps(result))
+          progress.line(f"eval at step {step}: " + _said(result))
       stopping = stop_signal(mngr, step)
       if evaluate_now or step % config.checkpoint_every == 0 or stopping:
         watch.flush()  # never a state after a non-finite step

@@ -58,7 +58,8 @@ class Progress:
       line += f" | {metrics['bad_records']} bad records skipped"
     if metrics.get("nonfinite_skipped"):
       line += f" | {metrics['nonfinite_skipped']} non-finite steps skipped"
-    self.scalars(step, dict(metrics, lr=lr, images_per_s=rate), prefix="train/")
+    rates = {} if rate != rate else dict(images_per_s=rate)  # none yet: the first step compiles
+    self.scalars(step, dict(metrics, lr=lr, **rates), prefix="train/")
     self.line(line)
 
   def scalars(self, step, values, prefix=""):
