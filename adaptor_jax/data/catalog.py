@@ -15,6 +15,7 @@ indices, class names and example keys, so TFDS' own registered builder reads the
 Each is written by builders.py's machinery (the TFDS ArrayRecord writer, one build at a time per
 data_dir); `python -m adaptor_jax.data.builders --dataset=NAME --source=...` builds it.
 """
+import io
 import os
 import pickle
 import tarfile
@@ -71,10 +72,26 @@ def _read_member(tar, members, name):
 # cifar100
 
 
+class _ArraysOnly(pickle.Unpickler):
+  """An unpickler for CIFAR's pickles: dicts, lists, strings, numbers and numpy arrays, nothing
+  else. A pickle names any other callable only to call it (os.system, say): refused before
+  anything runs, where pickle.loads would have run it."""
+
+  ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+             ("numpy", "ndarray"), ("numpy", "dtype"),
+             ("_codecs", "encode")}  # bytes pickled by Python 3 at protocol 2 (str -> latin-1)
+
+  def find_class(self, module, name):
+    if (module, name) in self.ALLOWED:
+      return super().find_class(module, name)
+    raise pickle.UnpicklingError(f"it calls {module}.{name}, which CIFAR's pickles never do: "
+                                 "refused, nothing was run")
+
+
 def _cifar100_pickle(tar, members, name, keys):
   """The dict in pickle `name` of the archive, with str keys; checks that `keys` are there."""
   try:  # the archive's pickles come from Python 2: their str's load as bytes
-    data = pickle.loads(_read_member(tar, members, name), encoding="bytes")
+    data = _ArraysOnly(io.BytesIO(_read_member(tar, members, name)), encoding="bytes").load()
   except (pickle.UnpicklingError, EOFError) as e:
     raise BuildError(f"{tar.name}: {name} is not a readable pickle ({e}).") from None
   if not isinstance(data, dict):
