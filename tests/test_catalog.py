@@ -2,6 +2,11 @@
 cifar100, svhn_cropped and food101 read through TFDS' own registered builders (splits, labels,
 ids, pixels, record order by key) and their one-line errors."""
 import logging
+import os
+import pickle
+import subprocess
+import sys
+import tarfile
 
 import numpy as np
 import pytest
@@ -84,6 +89,33 @@ def test_cifar100_errors(tmp_path):
                                        r"= 100 is out of range 0..99"):
     catalog.build_cifar100(bad_label, tmp_path / "tfds")
   assert not (tmp_path / "tfds" / "cifar100" / "3.0.2").exists()
+
+
+class _Runs:
+  """Unpickled, a call of os.system(command): what a hand-made archive can hide in a pickle."""
+
+  def __init__(self, command):
+    self.command = command
+
+  def __reduce__(self):
+    return (os.system, (self.command,))
+
+
+def test_a_cifar100_archive_that_would_run_code_is_refused(tmp_path):
+  """A cifar-100-python.tar.gz whose meta pickle reduces to os.system: the builder's command
+  line refuses it in one line naming the call, and the command never runs."""
+  ran = tmp_path / "ran"
+  archive = tmp_path / "cifar-100-python.tar.gz"
+  with tarfile.open(archive, "w:gz") as tar:
+    dataset_archives.add_member(tar, "cifar-100-python/meta", pickle.dumps(
+        {b"fine_label_names": _Runs(f"touch {ran}")}, protocol=2))
+  done = subprocess.run([sys.executable, "-m", "adaptor_jax.data.builders", "--dataset=cifar100",
+                         f"--source={archive}", f"--data_dir={tmp_path / 'tfds'}"],
+                        capture_output=True, text=True, check=False)
+  assert done.returncode == 1 and done.stderr.strip() == (
+      f"adaptor_jax.data.builders: {archive}: cifar-100-python/meta is not a readable pickle (it "
+      "calls posix.system, which CIFAR's pickles never do: refused, nothing was run)."), done.stderr
+  assert not ran.exists()
 
 
 def test_svhn_cropped_from_mat_files_reads_as_tfds_svhn_cropped(tmp_path):
