@@ -257,7 +257,7 @@ def test_logical_axes_and_fsdp_shard_every_matrix():
 
 
 def test_weight_decay_skips_tokens_norms_and_biases():
-  mask = dict(nnx.to_flat_state(nnx.State(optimizer.decay_mask(
+  mask = dict(nnx.to_flat_state(nnx.State(registry.decay_mask(
       nnx.to_pure_dict(nnx.state(abstract("deit_tiny"), nnx.Param))))))
   decayed = sorted({p[-1] for p, d in mask.items() if d})
   assert decayed == ["kernel"]

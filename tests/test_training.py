@@ -353,7 +353,7 @@ def test_decay_mask(name, overrides):
   phi biases, tokens and every 1-D param; decay on kernels (linear, conv), x_proj, dt_proj and
   the adaptors' phi_p / phi_c, whatever their rank."""
   params = _abstract_params(name, **overrides)
-  mask = tc.flat(optimizer.decay_mask(params))
+  mask = tc.flat(registry.decay_mask(params))
   shapes = tc.flat_shapes(params)
   seen = set()
   for path, decays in mask.items():

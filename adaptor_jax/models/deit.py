@@ -37,6 +37,10 @@ from adaptor_jax.models.vmamba import Mlp  # fc1 -> exact GELU -> fc2, VMamba's 
 ATTENTION = ("fused", "plain")
 
 
+# Params that never decay, besides every 1-D param and every bias (timm's no_weight_decay).
+NO_WEIGHT_DECAY = ("cls_token", "pos_embed")
+
+
 class LayerNorm(common.LayerNorm):
   """common.LayerNorm (the counted `layer_norm` op) with timm's ViT eps, 1e-6."""
 

@@ -2,10 +2,11 @@
 
 Measured counts (python -m adaptor_jax.summary) are in the README; tests/test_models.py asserts them.
 """
+import jax
 from flax import nnx
 
 from adaptor_jax import errors
-from adaptor_jax.models import deit, vim
+from adaptor_jax.models import deit, vim, vmamba
 from adaptor_jax.models.vmamba import VSSM
 
 _TINY = dict(dims=(96, 192, 384, 768), depths=(2, 2, 8, 2), ssm_ratio=1.0, drop_path_rate=0.2)
@@ -24,6 +25,34 @@ VMAMBA_PRESETS = {
     "adaptor_vmamba_small": dict(_SMALL, form="booster"),
     "adaptor_vmamba_base": dict(_BASE, form="booster"),
 }
+
+
+def trainable(model, *, head_only=False):
+  """The nnx filter of the params that train, as the model's family declares them (vmamba: the
+  adaptor form trains its adaptors and classifier; head_only: the classifier only)."""
+  if isinstance(model, VSSM):
+    return vmamba.trainable(model, head_only=head_only)
+  if head_only:
+    raise ValueError(f"linear probing applies to the VMamba family, not {type(model).__name__}")
+  return nnx.Param
+
+
+def trainable_mask(model, *, head_only=False):
+  """trainable() as a pure-dict mask of bools; None when every param trains."""
+  if trainable(model, head_only=head_only) is nnx.Param:
+    return None
+  return nnx.to_pure_dict(vmamba.trainable_mask(model, head_only=head_only))
+
+
+def decay_mask(params):
+  """True where weight decay applies: params of 2+ dims other than biases and the names a model
+  family declares in its NO_WEIGHT_DECAY (SSM constants, gains, tokens)."""
+  names = set(vmamba.NO_WEIGHT_DECAY + vim.NO_WEIGHT_DECAY + deit.NO_WEIGHT_DECAY)
+
+  def one(path, x):
+    name = str(getattr(path[-1], "key", path[-1]))
+    return x.ndim >= 2 and not name.endswith("bias") and name not in names
+  return jax.tree_util.tree_map_with_path(one, params)
 
 
 def list_models():

@@ -30,6 +30,10 @@ from flax import nnx
 from adaptor_jax.models import common
 
 
+# Params that never decay, besides every 1-D param and every bias (Vim's no_weight_decay list).
+NO_WEIGHT_DECAY = ("A_log", "A_b_log", "D", "D_b", "cls_token", "pos_embed")
+
+
 class RMSNorm(nnx.Module):
   """x * rsqrt(mean(x^2) + eps) * weight over the last axis, in float32 (mamba_ssm's RMSNorm)."""
 

@@ -137,6 +137,11 @@ class VSSM(nnx.Module):
     return self.head(common.global_avg_pool(self.head_norm(x)))
 
 
+# Params that never decay, besides every 1-D param and every bias: the SSM's constants and the
+# adaptor's gain (VMamba's no_weight_decay list).
+NO_WEIGHT_DECAY = ("A_log", "D", "dt_bias", "gamma")
+
+
 def trainable(model, *, norms=False, head_only=False):
   """The nnx filter of the params that train.
 

@@ -5,8 +5,8 @@ A workdir holds `checkpoints/<step>/` with one item per concern:
   params   the raw params (pure dict, float32)       ema     their EMA (when config.ema_decay)
   opt      {"step", "opt"}: step and optimizer state  data    the grain iterator, one file per process
   config   the run's ConfigDict as JSON               labels  {"names": the classes' names}
-Saves are async; the last `config.keep` steps are kept, plus the best by validation EMA top-1
-(top1 in the metrics: EMA's when kept, else raw). Arrays are saved with their shardings and
+Saves are async; the last `config.keep` steps are kept, plus the best by the task's BEST metric
+of validation (classification: top1, the EMA's when kept, else raw). Arrays are saved with their shardings and
 can be restored onto any devices (loader.py). The workdir may be a bucket (paths.py): orbax
 writes arrays through TensorStore and the rest through etils.epath; on several hosts every
 process writes its own shards and data iterator state into the one step directory.
@@ -21,6 +21,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 
 from adaptor_jax import errors, paths
+from adaptor_jax.training import tasks
 
 ITEMS = ("params", "ema", "opt", "data", "config", "labels")
 
@@ -37,14 +38,11 @@ class _Benign(pylogging.Filter):
 logging.get_absl_logger().addFilter(_Benign())
 
 
-def best_metric(metrics):
-  return metrics["top1"]
-
-
-def manager(workdir, config=None):
+def manager(workdir, config):
   """The run's CheckpointManager on `workdir`/checkpoints (workdir: a path or URL)."""
   policies = ocp.checkpoint_managers
-  keep = config.keep if config is not None else 1
+  best = tasks.get(config.task).BEST
+  keep = config.keep
   options = ocp.CheckpointManagerOptions(
       enable_async_checkpointing=True, create=True,
       # a step a killed run left unfinished (in a bucket: objects without the commit marker,
@@ -52,7 +50,8 @@ def manager(workdir, config=None):
       cleanup_tmp_directories=True,
       preservation_policy=policies.AnyPreservationPolicy([
           policies.LatestN(keep),
-          policies.BestN(get_metric_fn=best_metric, n=1, keep_checkpoints_without_metrics=False),
+          policies.BestN(get_metric_fn=lambda metrics: metrics[best], n=1,
+                         keep_checkpoints_without_metrics=False),
       ]))
   return ocp.CheckpointManager(paths.resolve(workdir) / "checkpoints", item_names=ITEMS,
                                options=options)

@@ -15,6 +15,7 @@ import ml_collections
 from adaptor_jax import errors, paths
 from adaptor_jax.data import config as data_config, transforms
 from adaptor_jax.models import common, registry, vmamba
+from adaptor_jax.training import tasks
 
 DTYPES = ("float32", "bfloat16")
 
@@ -23,6 +24,7 @@ def default_config():
   """The paper's recipe (VMamba / Swin on ImageNet-1k) for a model still to be chosen."""
   c = ml_collections.ConfigDict()
   c.seed = 0                      # params init, data order, augmentation and drop path
+  c.task = "classification"       # what is trained and evaluated: tasks.py (batch, loss, metrics)
   # The model.
   c.model = "mamba_adaptor_b2"    # a preset of adaptor_jax.list_models()
   c.form = ""                     # VMamba family: none|backbone|booster|adaptor; "" = the preset's
@@ -100,6 +102,8 @@ def validate(config):
   for key in c.keys():
     if key not in known:
       _fail(key, f"unknown key; known keys are {sorted(known)}")
+  if c.task not in tasks.TASKS:
+    _fail("task", f"{c.task!r} is not one of {sorted(tasks.TASKS)}")
   if c.model not in registry.list_models():
     _fail("model", f"{c.model!r} is not a preset; choose one of {registry.list_models()}")
   if c.form and not registry.is_vmamba(c.model):

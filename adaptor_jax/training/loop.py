@@ -11,7 +11,7 @@ from absl import logging
 from adaptor_jax import errors, paths
 from adaptor_jax.data import pipeline
 from adaptor_jax.training import (checkpoint, config as config_lib, hosts, init_from, loader,
-                                  optimizer, sharding, steps)
+                                  optimizer, sharding, steps, tasks)
 from adaptor_jax.training.progress import Progress
 
 
@@ -24,7 +24,7 @@ def setup(config):
                       str(paths.resolve(config.compile_cache, "config.compile_cache")))
   if config.num_classes == -1:
     config = ml_collections.ConfigDict(config.to_dict())
-    config.num_classes = pipeline.num_classes(config.data)
+    config.num_classes = tasks.get(config.task).num_classes(config.data)
   return config
 
 
@@ -36,28 +36,27 @@ def _per_process(global_batch):
 
 
 def evaluate(eval_step, params_by_name, config, mesh, split=None, stop=None):
-  """Top-1/top-5 of each named params pytree ("raw", "ema") on `split` (default the eval split):
-  {name}_top1, {name}_top5, and top1/top5 of the EMA when given (else raw), n, images_per_s.
-  None when `stop()` turns true between batches."""
+  """The task's metrics (classification: top1, top5, n) of each named params pytree ("raw",
+  "ema") on `split` (default the eval split), as {name}_{metric}, and unprefixed those of the
+  EMA when given (else raw), with images_per_s. None when `stop()` turns true between
+  batches."""
+  task = tasks.get(config.task)
   start = time.time()
   outs = {name: [] for name in params_by_name}  # fetched at the end: loading overlaps compute
-  for batch in pipeline.eval_iterator(config.data, split=split,
-                                      batch_size=_per_process(config.eval_batch_size)):
+  for batch in task.eval_iterator(config.data, split=split,
+                                  batch_size=_per_process(config.eval_batch_size)):
     if stop is not None and stop():
       return None
-    batch = sharding.global_batch({k: batch[k] for k in ("image", "label", "mask")}, mesh)
+    batch = sharding.global_batch({k: batch[k] for k in task.EVAL_KEYS}, mesh)
     for name, params in params_by_name.items():
       outs[name].append(eval_step(params, batch))
-  totals = {}
-  for name, results in jax.device_get(outs).items():
-    totals[name] = {k: sum(int(r[k]) for r in results) for k in ("top1", "top5", "n")}
   seconds = time.time() - start
-  result = {}
-  for name, t in totals.items():
-    result[f"{name}_top1"] = t["top1"] / max(t["n"], 1)
-    result[f"{name}_top5"] = t["top5"] / max(t["n"], 1)
-  main = "ema" if "ema" in params_by_name else "raw"
-  result.update(top1=result[f"{main}_top1"], top5=result[f"{main}_top5"], n=totals[main]["n"])
+  result, main = {}, "ema" if "ema" in params_by_name else "raw"
+  for name, counts in jax.device_get(outs).items():
+    metrics = task.metrics(jax.tree.map(lambda *c: sum(c), *counts))
+    result.update({f"{name}_{k}": v for k, v in metrics.items() if k != "n"})
+    if name == main:
+      result.update(metrics)
   result["images_per_s"] = result["n"] * len(params_by_name) / max(seconds, 1e-9)
   return result
 
@@ -146,15 +145,6 @@ class _FiniteWatch:
                     "tolerated)", step, m["loss"], m["grad_norm"], self.skipped, self.tolerated)
 
 
-def _said(result):
-  """An evaluation as a line: top-1 and top-5 of the EMA (and the raw weights), the images."""
-  def both(k):
-    if "ema_top1" not in result:
-      return f"{result[k]:.2%}"
-    return f"{result['ema_' + k]:.2%} (raw {result['raw_' + k]:.2%})"
-  return f"top-1 {both('top1')}, top-5 {both('top5')}, {result['n']} images"
-
-
 def _newest(mngr):
   step = checkpoint.newest_saved(mngr)
   if step is None:
@@ -168,6 +158,7 @@ def train_and_evaluate(config, workdir):
   workdir = paths.resolve(workdir, "--workdir")
   paths.check_bucket(workdir, "--workdir")
   config = setup(config)
+  task = tasks.get(config.task)
   mesh = sharding.make_mesh(config.mesh)
   n_train = pipeline.num_examples(config.data, config.data.train_split)
   steps_per_epoch = n_train // config.batch_size
@@ -178,7 +169,7 @@ def train_and_evaluate(config, workdir):
   eval_every = round(config.eval_every * steps_per_epoch) or total_steps
   last_step = total_steps if config.max_steps < 0 else min(total_steps, config.max_steps)
   num_classes = config.num_classes
-  class_names = pipeline.class_names(config.data)
+  class_names = task.class_names(config.data)
   if jax.process_index() == 0:
     paths.write_text(workdir / "config.json", json.dumps(config.to_dict(), indent=2))
 
@@ -189,8 +180,8 @@ def train_and_evaluate(config, workdir):
   tx = optimizer.make(config, steps_per_epoch, trainable=made[2])
   lr_at = optimizer.schedule(config, steps_per_epoch)
   net, state, shardings = steps.create(config, num_classes, mesh, tx, made)
-  data_iter = pipeline.train_iterator(config.data, batch_size=_per_process(config.batch_size),
-                                      seed=config.seed)
+  data_iter = task.train_iterator(config.data, batch_size=_per_process(config.batch_size),
+                                  seed=config.seed)
   mngr = checkpoint.manager(workdir, config)
   hosts.tell_newest(lambda: _newest(mngr))
   begin = "step 0"
@@ -247,7 +238,7 @@ def train_and_evaluate(config, workdir):
           evaluate_now, result = False, {}
         else:
           progress.scalars(step, result, prefix="eval/")
-          progress.line(f"eval at step {step}: " + _said(result))
+          progress.line(f"eval at step {step}: " + task.line(result))
       stopping = stop_signal(mngr, step)
       if evaluate_now or step % config.checkpoint_every == 0 or stopping:
         watch.flush()  # never a state after a non-finite step

@@ -17,9 +17,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from adaptor_jax.data import augment
-from adaptor_jax.models import registry, vmamba
-from adaptor_jax.training import optimizer, sharding
+from adaptor_jax.models import registry
+from adaptor_jax.training import sharding, tasks
 
 
 def model_kwargs(config, num_classes):
@@ -67,8 +66,8 @@ def make_net(config, num_classes):
   model = nnx.eval_shape(lambda: build_model(config, num_classes))
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   head_only = config.train_only == "head"
-  mask = optimizer.trainable_mask(model, head_only)
-  wrt = nnx.Param if mask is None else vmamba.trainable(model, head_only=head_only)
+  mask = registry.trainable_mask(model, head_only=head_only)
+  wrt = registry.trainable(model, head_only=head_only)
   return Net(graphdef, placeholders(rest), wrt), params, mask
 
 
@@ -158,16 +157,16 @@ def abstract_state(config, num_classes, mesh, tx, made=None):
 
 
 def make_train_step(net, tx, config, num_classes, shardings, mesh):
-  """jit(train_step)(state, batch) -> (state, metrics); batch {"image": uint8, "label": int32}
-  split over the mesh's batch axes; the state is donated. metrics: loss, grad_norm (before
-  clipping) and finite (both finite); with config.skip_nonfinite a non-finite step leaves
-  params, optimizer state and EMA as they were."""
-  accum = config.grad_accum
+  """jit(train_step)(state, batch) -> (state, metrics); the batch (the task's, e.g. {"image":
+  uint8, "label": int32}) split over the mesh's batch axes; the state is donated. The task
+  (config.task, tasks.py) makes the inputs and targets on device and the loss. metrics: loss,
+  grad_norm (before clipping) and finite (both finite); with config.skip_nonfinite a
+  non-finite step leaves params, optimizer state and EMA as they were."""
+  accum, task = config.grad_accum, tasks.get(config.task)
 
   def grad_fn(params, x, targets, key):
     def loss_fn(model):
-      logits = model(x).astype(jnp.float32)
-      return optax.softmax_cross_entropy(logits, targets).mean()
+      return task.loss(model(x), targets)
     grad = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, net.wrt))
     loss, grads = grad(net.model(params, train=True, key=key))
     return loss, _zeros_where_missing(nnx.to_pure_dict(grads), params)
@@ -175,14 +174,14 @@ def make_train_step(net, tx, config, num_classes, shardings, mesh):
   def train_step(state, batch):
     key = jax.random.fold_in(jax.random.key(config.seed), state["step"])
     k_aug, k_drop = jax.random.split(key)
-    x, targets = augment.train_batch(k_aug, batch["image"], batch["label"], config.data,
-                                     num_classes)
+    x, targets = task.train_inputs(k_aug, batch, config.data, num_classes)
     if accum == 1:
       loss, grads = grad_fn(state["params"], x, targets, k_drop)
     else:
       # micro-batch i takes every accum-th example: each device's part of the batch splits
       # evenly into the micro-batches, so they stay on every device (no resharding)
-      micro = lambda a: a.reshape(a.shape[0] // accum, accum, *a.shape[1:]).swapaxes(0, 1)
+      micro = lambda tree: jax.tree.map(
+          lambda a: a.reshape(a.shape[0] // accum, accum, *a.shape[1:]).swapaxes(0, 1), tree)
 
       def body(carry, inputs):
         i, x_i, t_i = inputs
@@ -220,18 +219,13 @@ def _zeros_where_missing(grads, params):
 
 
 def make_eval_step(net, config, param_shardings, mesh):
-  """jit(eval_step)(params, batch) -> {"top1", "top5", "n"} summed over the (global) batch;
-  padded examples (mask False) count in none."""
+  """jit(eval_step)(params, batch) -> the task's counts (classification: top1, top5, n) summed
+  over the (global) batch; padded examples count in none."""
+  task = tasks.get(config.task)
 
   def eval_step(params, batch):
-    x = augment.eval_batch(batch["image"], config.data)
-    logits = net.model(params, train=False)(x).astype(jnp.float32)
-    labels, mask = batch["label"], batch["mask"]
-    k = min(5, logits.shape[-1])
-    topk = jax.lax.top_k(logits, k)[1]
-    hit = topk == labels[:, None]
-    return dict(top1=jnp.sum(hit[:, 0] & mask), top5=jnp.sum(hit.any(-1) & mask),
-                n=jnp.sum(mask))
+    outputs = net.model(params, train=False)(task.eval_inputs(batch, config.data))
+    return task.eval_counts(outputs, batch)
 
   return jax.jit(sharding.on_mesh(eval_step, mesh),
                  in_shardings=(param_shardings, sharding.batch_sharding(mesh)),

@@ -1,0 +1,21 @@
+"""The tasks the trainer runs (config.task): one module per task, each giving
+
+  NAME, EVAL_KEYS, BEST              its name, the eval batch's keys, the metric that picks the
+                                     best checkpoint (higher is better)
+  num_classes(data), class_names(data)
+  train_iterator(data, batch_size=, seed=), eval_iterator(data, batch_size=, split=)
+  train_inputs(key, batch, data, num_classes) -> (inputs, targets)     on device, in the step
+  loss(outputs, targets) -> scalar                                      of model(inputs)
+  eval_inputs(batch, data) -> inputs; eval_counts(outputs, batch) -> {name: summed array}
+  metrics(counts summed over the split) -> {name: number}; line(result) -> str
+
+so that the loop, checkpoints, resume, sharding, EMA, remat and the paths stay one trainer.
+"""
+from adaptor_jax.training import classification
+
+TASKS = {classification.NAME: classification}
+
+
+def get(name):
+  """The task module of config.task `name`."""
+  return TASKS[name]
