@@ -141,7 +141,8 @@ def measure_model(model, batch_size, mesh):
   train_compiled = train_lowered.compile()
   compile_s = time.perf_counter() - start
   start = time.perf_counter()
-  eval_compiled = eval_step.lower(state["params"], eval_batch).compile()
+  eval_compiled = eval_step.lower(dict(params=state["params"], stats=state["stats"]),
+                                  eval_batch).compile()
   eval_compile_s = time.perf_counter() - start
 
   state, metrics, times = results_file.timed_steps(train_compiled, state, train_batch,
@@ -151,11 +152,12 @@ def measure_model(model, batch_size, mesh):
     raise FloatingPointError(f"{model}: training loss is {loss} after {FLAGS.warmup + FLAGS.iters}"
                              " steps on synthetic data")
 
+  variables = dict(params=state["params"], stats=state["stats"])  # the trained state's
   for _ in range(FLAGS.warmup):
-    jax.block_until_ready(eval_compiled(state["params"], eval_batch))
+    jax.block_until_ready(eval_compiled(variables, eval_batch))
   eval_times = []
   for _ in range(FLAGS.iters):
-    eval_times.append(timed(lambda: eval_compiled(state["params"], eval_batch))[1])
+    eval_times.append(timed(lambda: eval_compiled(variables, eval_batch))[1])
 
   step_s, eval_s = statistics.median(times), statistics.median(eval_times)
   return dict(

@@ -5,15 +5,17 @@ training code can map them onto its mesh:
   embed   model width C                     mlp      MLP hidden width
   inner   SS2D / Mamba inner width Di       classes  classifier outputs
   route   the four SS2D scan routes         None     never sharded (small axes)
-Seven ops are jitted under fixed names (`layer_norm`, `global_avg_pool`, `selective_scan`,
-`memory_read`, `learned_read`, `dilated_dwconvs`, `depthwise_conv3x3`) so the FLOP counter
-(counting.py) can find them in a traced model and count them like fvcore does.
+Ten ops are jitted under fixed names (`layer_norm`, `global_avg_pool`, `batch_norm`,
+`resize_bilinear`, `adaptive_avg_pool`, `selective_scan`, `memory_read`, `learned_read`,
+`dilated_dwconvs`, `depthwise_conv3x3`) so the FLOP counter (counting.py) can find them in a
+traced model and count them like fvcore does.
 """
 import functools
 import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 import kernels
@@ -65,6 +67,45 @@ def layer_norm(x, scale, bias, eps=1e-5):
 @jax.jit
 def global_avg_pool(x_BHWC):
   return x_BHWC.mean(axis=(1, 2))
+
+
+@jax.jit
+def batch_norm(x, mean, var, scale, bias, eps=1e-5):
+  """(x - mean) / sqrt(var + eps) * scale + bias over the last axis, in float32, result in
+  x.dtype (the named op fvcore counts as 2 per element, an affine BatchNorm in eval mode)."""
+  y = (x.astype(jnp.float32) - mean) * jax.lax.rsqrt(var + eps) * scale + bias
+  return y.astype(x.dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("size",))
+def resize_bilinear(x_BHWC, size):
+  """Bilinear resize of (B, H, W, C) to `size` (H', W') as PyTorch's F.interpolate with
+  align_corners=False: half-pixel centres, no antialiasing when shrinking (fvcore counts it
+  as 4 per output element)."""
+  if tuple(size) == x_BHWC.shape[1:3]:
+    return x_BHWC
+  shape = (x_BHWC.shape[0], *size, x_BHWC.shape[3])
+  return jax.image.resize(x_BHWC, shape, "bilinear", antialias=False).astype(x_BHWC.dtype)
+
+
+def _pool_matrix(n, bins):
+  """(bins, n): row i averages [floor(i n / bins), ceil((i + 1) n / bins)), PyTorch's
+  AdaptiveAvgPool bins (they overlap when bins does not divide n)."""
+  m = np.zeros((bins, n), np.float32)
+  for i in range(bins):
+    start, end = (i * n) // bins, -((-(i + 1) * n) // bins)
+    m[i, start:end] = 1.0 / (end - start)
+  return m
+
+
+@functools.partial(jax.jit, static_argnames=("bins",))
+def adaptive_avg_pool(x_BHWC, bins):
+  """PyTorch's AdaptiveAvgPool2d(bins) of (B, H, W, C): (B, bins, bins, C) (1 per input
+  element, as fvcore counts it)."""
+  _, H, W, _ = x_BHWC.shape
+  ph, pw = _pool_matrix(H, bins), _pool_matrix(W, bins)
+  y = jnp.einsum("ih,bhwc,jw->bijc", ph, x_BHWC.astype(jnp.float32), pw)
+  return y.astype(x_BHWC.dtype)
 
 
 def _stencil_taps(dilations):
@@ -199,6 +240,34 @@ def run_block(block, remat, *args):
   if REMAT[remat] is None:
     return block(*args)
   return nnx.remat(lambda b, *a: b(*a), policy=REMAT[remat])(block, *args)
+
+
+class BatchNorm(nnx.Module):
+  """BatchNorm2d over the channels of (B, H, W, C), as PyTorch's: eps 1e-5, momentum 0.1, the
+  running variance updated with the unbiased batch variance. In training (nnx's train())
+  it normalises by the batch's statistics, of the whole global batch on a mesh (a mean over
+  a sharded batch is an all-reduce: SyncBN), and updates the running statistics (nnx.BatchStat:
+  the train state's `stats`, not params); in eval (eval()) it uses the running ones."""
+
+  def __init__(self, dim, *, axis_name=None):
+    self.scale = annotated(jnp.ones((dim,)), axis_name)
+    self.bias = annotated(jnp.zeros((dim,)), axis_name)
+    self.mean = nnx.BatchStat(jnp.zeros((dim,), jnp.float32))
+    self.var = nnx.BatchStat(jnp.ones((dim,), jnp.float32))
+    self.use_running_average = False
+
+  def __call__(self, x_BHWC):
+    if self.use_running_average:
+      mean, var = self.mean[...], self.var[...]
+    else:
+      x32 = x_BHWC.astype(jnp.float32)
+      mean = x32.mean((0, 1, 2))
+      var = jnp.square(x32 - mean).mean((0, 1, 2))
+      n = math.prod(x_BHWC.shape[:3])
+      unbiased = jax.lax.stop_gradient(var) * (n / max(n - 1, 1))
+      self.mean[...] = 0.9 * self.mean[...] + 0.1 * jax.lax.stop_gradient(mean)
+      self.var[...] = 0.9 * self.var[...] + 0.1 * unbiased
+    return batch_norm(x_BHWC, mean, var, self.scale[...], self.bias[...])
 
 
 class LayerNorm(nnx.Module):

@@ -5,6 +5,9 @@ The model is traced to a jaxpr (no compute) and its equations are counted:
   conv_general_dilated   output size x (input channels / groups) x kernel area
   layer_norm             5 per element (fvcore's count for an affine LayerNorm)
   global_avg_pool        1 per input element
+  batch_norm             2 per element (an affine BatchNorm in eval mode)
+  resize_bilinear        4 per output element (fvcore's upsample_bilinear2d)
+  adaptive_avg_pool      1 per input element
   selective_scan         9 B L D N + B L D (VMamba's count: its D term included)
   memory_read            2K per element of the read (its weighted sum of 2K interpolation taps,
                          the multiply-adds of the einsum it replaces)
@@ -14,15 +17,19 @@ The model is traced to a jaxpr (no compute) and its equations are counted:
                          as the convolutions they are)
   depthwise_conv3x3      9 per element of x (SS2D's conv2d, a convolution or a stencil by platform)
 Everything else (activations, additions, element-wise products, gathers) counts 0, as in fvcore.
-The last seven are found by the names under which adaptor_jax.models.common jits them.
+The named ones are found by the names under which adaptor_jax.models.common jits them. The
+model is counted in eval mode (BatchNorm with its running statistics, as fvcore counts it).
 """
 import math
+import os
 
 import jax
 import jax.extend
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+import kernels
 
 
 def count_params(model, wrt=nnx.Param):
@@ -59,6 +66,9 @@ PRIMITIVES = {"dot_general": _dot_general, "conv_general_dilated": _conv}
 NAMED = {
     "layer_norm": lambda eqn: 5 * math.prod(eqn.invars[0].aval.shape),
     "global_avg_pool": lambda eqn: math.prod(eqn.invars[0].aval.shape),
+    "batch_norm": lambda eqn: 2 * math.prod(eqn.invars[0].aval.shape),
+    "resize_bilinear": lambda eqn: 4 * math.prod(eqn.outvars[0].aval.shape),
+    "adaptive_avg_pool": lambda eqn: math.prod(eqn.invars[0].aval.shape),
     "selective_scan": _scan,
     "memory_read": lambda eqn: 2 * eqn.invars[1].aval.shape[1] * math.prod(
         eqn.invars[0].aval.shape),
@@ -90,12 +100,27 @@ def count_jaxpr(jaxpr, by_kind=None):
 
 
 def count_flops(model, image_size=224, batch=1, by_kind=None):
-  """Multiply-adds of one forward pass of `model` on (batch, image_size, image_size, 3) images."""
+  """Multiply-adds of one forward pass of `model` in eval mode on (batch, height, width, 3)
+  images; image_size: an int (square) or (height, width)."""
   graphdef, state = nnx.split(model)
 
   def forward(state, x):
-    return nnx.merge(graphdef, state)(x)
+    model = nnx.merge(graphdef, state)
+    model.eval()
+    return model(x)
 
-  x = jax.ShapeDtypeStruct((batch, image_size, image_size, 3), jnp.float32)
-  closed = jax.make_jaxpr(forward)(state, x)
+  height, width = (image_size, image_size) if isinstance(image_size, int) else image_size
+  x = jax.ShapeDtypeStruct((batch, height, width, 3), jnp.float32)
+  # The named ops are counted where they are called, whatever runs inside; tracing "auto"
+  # traces every platform's branch, and the TPU read kernel refuses images whose rows exceed
+  # its VMEM (segmentation sizes) at trace time: count with the xla read.
+  previous = os.environ.get(kernels.read.ENV_VAR)
+  os.environ[kernels.read.ENV_VAR] = "xla"
+  try:
+    closed = jax.make_jaxpr(forward)(state, x)
+  finally:
+    if previous is None:
+      del os.environ[kernels.read.ENV_VAR]
+    else:
+      os.environ[kernels.read.ENV_VAR] = previous
   return count_jaxpr(closed.jaxpr, by_kind)

@@ -6,7 +6,7 @@ import jax
 from flax import nnx
 
 from adaptor_jax import errors
-from adaptor_jax.models import deit, vim, vmamba
+from adaptor_jax.models import deit, upernet, vim, vmamba
 from adaptor_jax.models.vmamba import VSSM
 
 _TINY = dict(dims=(96, 192, 384, 768), depths=(2, 2, 8, 2), ssm_ratio=1.0, drop_path_rate=0.2)
@@ -55,14 +55,27 @@ def decay_mask(params):
   return jax.tree_util.tree_map_with_path(one, params)
 
 
+# UperNet on a VMamba-family backbone preset (semantic segmentation, models/upernet.py).
+UPERNET_PRESETS = {f"upernet_{short}": backbone for short, backbone in (
+    ("b1", "mamba_adaptor_b1"), ("b2", "mamba_adaptor_b2"), ("vmamba_tiny", "vmamba_tiny"),
+    ("vmamba_small", "vmamba_small"), ("vmamba_base", "vmamba_base"))}
+_UPERNET_OWN = ("channels", "aux_channels", "aux_stage", "dropout", "dtype")
+
+
 def list_models():
   """Every preset name."""
-  return sorted(VMAMBA_PRESETS) + sorted(vim.PRESETS) + sorted(deit.PRESETS)
+  return (sorted(VMAMBA_PRESETS) + sorted(vim.PRESETS) + sorted(deit.PRESETS)
+          + sorted(UPERNET_PRESETS))
+
+
+def task_of(name):
+  """The task a preset is trained for (training/tasks.py): segmentation for upernet_*."""
+  return "segmentation" if name in UPERNET_PRESETS else "classification"
 
 
 def is_vmamba(name):
-  """Whether preset `name` is of the VMamba family (has forms, linear probing, adaptors)."""
-  return name in VMAMBA_PRESETS
+  """Whether preset `name` is of the VMamba family or has a VMamba backbone (forms, adaptors)."""
+  return name in VMAMBA_PRESETS or name in UPERNET_PRESETS
 
 
 def has_scan(name):
@@ -84,6 +97,11 @@ def create_model(name, *, num_classes=1000, rngs: nnx.Rngs, **overrides):
     return vim.Vim(**{**vim.PRESETS[name], **overrides}, num_classes=num_classes, rngs=rngs)
   if name in deit.PRESETS:
     return deit.DeiT(**{**deit.PRESETS[name], **overrides}, num_classes=num_classes, rngs=rngs)
+  if name in UPERNET_PRESETS:  # overrides of the backbone go to it, the heads' stay
+    own = {k: v for k, v in overrides.items() if k in _UPERNET_OWN}
+    backbone = {**VMAMBA_PRESETS[UPERNET_PRESETS[name]],
+                **{k: v for k, v in overrides.items() if k not in _UPERNET_OWN}}
+    return upernet.UperNet(backbone=backbone, num_classes=num_classes, rngs=rngs, **own)
   raise UnknownModel(f"create_model: unknown model {name!r}; choose one of {list_models()}")
 
 

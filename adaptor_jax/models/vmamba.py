@@ -76,6 +76,7 @@ class VSSM(nnx.Module):
   """VMamba v2 backbone: patch embed, 4 stages of VSS blocks with downsampling, head LN-pool-Linear.
 
   remat: how each VSS block's activations are kept for the backward pass (common.REMAT).
+  num_classes=0 builds no classifier (head_norm, head): a backbone for dense heads.
   Takes images (B, H, W, 3); returns logits (B, num_classes), or with return_features=True the four
   stage outputs (B, H/4, W/4, d0), (B, H/8, W/8, d1), (B, H/16, W/16, d2), (B, H/32, W/32, d3),
   each taken before the stage's downsampling (ceil division for odd sizes).
@@ -120,8 +121,12 @@ class VSSM(nnx.Module):
           blocks=blocks,
           downsample=(Downsample(dim, dims[i + 1], dtype=dtype, rngs=rngs)
                       if i + 1 < len(dims) else None)))
-    self.head_norm = common.LayerNorm(dims[-1])
-    self.head = common.linear(dims[-1], num_classes, ("embed", "classes"), dtype=dtype, rngs=rngs)
+    if num_classes:
+      self.head_norm = common.LayerNorm(dims[-1])
+      self.head = common.linear(dims[-1], num_classes, ("embed", "classes"), dtype=dtype,
+                                rngs=rngs)
+    else:  # a backbone for dense heads (upernet.py)
+      self.head_norm = self.head = None
 
   def __call__(self, x_BHW3, *, return_features=False):
     x = self.patch_embed(x_BHW3)
@@ -134,6 +139,9 @@ class VSSM(nnx.Module):
         x = stage["downsample"](x)
     if return_features:
       return features
+    if self.head is None:
+      raise ValueError("VSSM: built with num_classes=0 (no classifier): call it with "
+                       "return_features=True")
     return self.head(common.global_avg_pool(self.head_norm(x)))
 
 

@@ -111,7 +111,7 @@ def compile_eval_step(config, devices, per_chip_batch):
   batch = abstract_batch(config, config.batch_size, mesh)
   batch["mask"] = jax.ShapeDtypeStruct(batch["label"].shape, jnp.bool_,
                                        sharding=batch["label"].sharding)
-  return eval_step.lower(state["params"], batch).compile()
+  return eval_step.lower(dict(params=state["params"], stats=state["stats"]), batch).compile()
 
 
 def _setup(config, devices, per_chip_batch, steps_per_epoch):

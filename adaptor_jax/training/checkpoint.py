@@ -5,6 +5,7 @@ A workdir holds `checkpoints/<step>/` with one item per concern:
   params   the raw params (pure dict, float32)       ema     their EMA (when config.ema_decay)
   opt      {"step", "opt"}: step and optimizer state  data    the grain iterator, one file per process
   config   the run's ConfigDict as JSON               labels  {"names": the classes' names}
+  stats    BatchNorm's running statistics (models with BatchNorm only)
 Saves are async; the last `config.keep` steps are kept, plus the best by the task's BEST metric
 of validation (classification: top1, the EMA's when kept, else raw). Arrays are saved with their shardings and
 can be restored onto any devices (loader.py). The workdir may be a bucket (paths.py): orbax
@@ -23,7 +24,7 @@ from absl import logging
 from adaptor_jax import errors, paths
 from adaptor_jax.training import tasks
 
-ITEMS = ("params", "ema", "opt", "data", "config", "labels")
+ITEMS = ("params", "ema", "opt", "data", "config", "labels", "stats")
 
 
 class _Benign(pylogging.Filter):
@@ -67,6 +68,8 @@ def save(mngr, state, data_iter, config, class_names, metrics=None):
                labels=ocp.args.JsonSave(dict(names=list(class_names))))
   if state["ema"] is not None:
     items["ema"] = ocp.args.StandardSave(state["ema"])
+  if state["stats"]:
+    items["stats"] = ocp.args.StandardSave(state["stats"])
   mngr.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=True)
 
 
@@ -101,13 +104,16 @@ def restore(mngr, step, abstract_state, shardings, data_iter):
                                            dict(step=shardings["step"], opt=shardings["opt"]))))
   if abstract_state["ema"] is not None:
     items["ema"] = ocp.args.StandardRestore(placed(abstract_state["ema"], shardings["ema"]))
+  if abstract_state["stats"]:
+    items["stats"] = ocp.args.StandardRestore(placed(abstract_state["stats"],
+                                                     shardings["stats"]))
   items["data"] = grain.checkpoint.CheckpointRestore(data_iter)  # last: only a readable step
   got = {}                                                      # moves the iterator
   for name, args in items.items():  # one by one, so a failure names its item
     with reading(mngr.directory / str(step) / name):
       got[name] = mngr.restore(step, args=ocp.args.Composite(**{name: args}))[name]
   return dict(step=got["opt"]["step"], params=got["params"], opt=got["opt"]["opt"],
-              ema=got.get("ema"))
+              ema=got.get("ema"), stats=got.get("stats", {}))
 
 
 def restore_newest(mngr, abstract_state, shardings, data_iter):

@@ -106,6 +106,8 @@ def validate(config):
     _fail("task", f"{c.task!r} is not one of {sorted(tasks.TASKS)}")
   if c.model not in registry.list_models():
     _fail("model", f"{c.model!r} is not a preset; choose one of {registry.list_models()}")
+  if registry.task_of(c.model) != c.task:
+    _fail("task", f"{c.model} is a {registry.task_of(c.model)} model, not one for {c.task}")
   if c.form and not registry.is_vmamba(c.model):
     _fail("form", f"forms apply to the VMamba family, not {c.model}")
   if c.form not in ("", *vmamba.FORMS):

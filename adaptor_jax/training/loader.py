@@ -75,6 +75,17 @@ def read_config(found):
   return config
 
 
+def load_stats(found, abstract_stats, sharding):
+  """BatchNorm's statistics saved with a workdir's or step's checkpoint, placed in `sharding`;
+  `abstract_stats` when the model has none ({})."""
+  if not abstract_stats:
+    return {}
+  directory = found.step_dir / "stats"
+  placed = checkpoint.placed(abstract_stats, jax.tree.map(lambda _: sharding, abstract_stats))
+  with ocp.StandardCheckpointer() as ckptr, checkpoint.reading(directory):
+    return ckptr.restore(directory, placed)
+
+
 def read_class_names(found):
   """The class names saved with a workdir's or step's checkpoint; None where there are none (a
   converted checkpoint, or a checkpoint saved before they were)."""
@@ -117,17 +128,19 @@ def load_model(path, *, ema=True, device=None):
   device = device or jax.local_devices()[0]
   found = find(path, ema, what="load_model")
   config = read_config(found)
+  single = jax.sharding.SingleDeviceSharding(device)
+  stats = {}
   if found.kind == "converted":
     model = nnx.eval_shape(lambda: registry.create_model(
         config.model, num_classes=config.num_classes, rngs=nnx.Rngs(0)))
-    graphdef, abstract_params, rest = nnx.split(model, nnx.Param, ...)
+    graphdef, abstract_params, _, rest = nnx.split(model, nnx.Param, nnx.BatchStat, ...)
     net = steps.Net(graphdef, steps.placeholders(rest))
   else:
     net, abstract_params, _ = steps.make_net(config, config.num_classes)
+    stats = load_stats(found, steps.initial_stats(config, config.num_classes), single)
   abstract_params = nnx.to_pure_dict(abstract_params)
-  single = jax.sharding.SingleDeviceSharding(device)
   params = load_params(found.params, abstract_params,
                        jax.tree.map(lambda _: single, abstract_params))
-  model = nnx.merge(net.graphdef, params, jax.device_put(net.rest, device))
+  model = nnx.merge(net.graphdef, params, stats, jax.device_put(net.rest, device))
   model.eval()
   return model, config

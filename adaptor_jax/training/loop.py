@@ -35,29 +35,29 @@ def _per_process(global_batch):
   return global_batch // jax.process_count()
 
 
-def evaluate(eval_step, params_by_name, config, mesh, split=None, stop=None):
-  """The task's metrics (classification: top1, top5, n) of each named params pytree ("raw",
-  "ema") on `split` (default the eval split), as {name}_{metric}, and unprefixed those of the
-  EMA when given (else raw), with images_per_s. None when `stop()` turns true between
+def evaluate(eval_step, variables_by_name, config, mesh, split=None, stop=None):
+  """The task's metrics (classification: top1, top5, n) of each named {"params", "stats"}
+  ("raw", "ema") on `split` (default the eval split), as {name}_{metric}, and unprefixed those
+  of the EMA when given (else raw), with images_per_s. None when `stop()` turns true between
   batches."""
   task = tasks.get(config.task)
   start = time.time()
-  outs = {name: [] for name in params_by_name}  # fetched at the end: loading overlaps compute
+  outs = {name: [] for name in variables_by_name}  # fetched at the end: loading overlaps compute
   for batch in task.eval_iterator(config.data, split=split,
                                   batch_size=_per_process(config.eval_batch_size)):
     if stop is not None and stop():
       return None
     batch = sharding.global_batch({k: batch[k] for k in task.EVAL_KEYS}, mesh)
-    for name, params in params_by_name.items():
-      outs[name].append(eval_step(params, batch))
+    for name, variables in variables_by_name.items():
+      outs[name].append(eval_step(variables, batch))
   seconds = time.time() - start
-  result, main = {}, "ema" if "ema" in params_by_name else "raw"
+  result, main = {}, "ema" if "ema" in variables_by_name else "raw"
   for name, counts in jax.device_get(outs).items():
     metrics = task.metrics(jax.tree.map(lambda *c: sum(c), *counts))
     result.update({f"{name}_{k}": v for k, v in metrics.items() if k != "n"})
     if name == main:
       result.update(metrics)
-  result["images_per_s"] = result["n"] * len(params_by_name) / max(seconds, 1e-9)
+  result["images_per_s"] = result["n"] * len(variables_by_name) / max(seconds, 1e-9)
   return result
 
 
@@ -230,10 +230,10 @@ def train_and_evaluate(config, workdir):
       evaluate_now = step % eval_every == 0 or step == last_step
       if evaluate_now:
         watch.flush()
-        params = {"raw": state["params"]}
-        if state["ema"] is not None:
-          params["ema"] = state["ema"]
-        result = evaluate(eval_step, params, config, mesh, stop=lambda: stop_signal.stop)
+        variables = {"raw": dict(params=state["params"], stats=state["stats"])}
+        if state["ema"] is not None:  # BatchNorm's statistics are the raw ones
+          variables["ema"] = dict(params=state["ema"], stats=state["stats"])
+        result = evaluate(eval_step, variables, config, mesh, stop=lambda: stop_signal.stop)
         if result is None:  # stopped by a termination signal: no metrics for this step
           evaluate_now, result = False, {}
         else:
@@ -286,5 +286,8 @@ def evaluate_checkpoint(path, config=None, split=None):
       raise checkpoint.Damaged(f"{path}: {len(bad)} of the {name} params are not finite (e.g. "
                                f"{jax.tree_util.keystr(bad[0])}): a diverged run's checkpoint; "
                                "evaluate an earlier step directory")
+  stats = loader.load_stats(found, steps.initial_stats(config, config.num_classes),
+                            sharding.replicated(mesh))
   eval_step = steps.make_eval_step(net, config, shardings, mesh)
-  return evaluate(eval_step, params, config, mesh, split)
+  return evaluate(eval_step, {name: dict(params=tree, stats=stats)
+                              for name, tree in params.items()}, config, mesh, split)

@@ -3,7 +3,8 @@
 The model is split once into a static graph (`Net.graphdef`, plus its never-trained non-param
 state: drop path's RNG variables, reseeded every step) and pure-dict pytrees:
 
-  state = {"step": int32, "params": {...}, "opt": optax state, "ema": {...} or None}
+  state = {"step": int32, "params": {...}, "opt": optax state, "ema": {...} or None,
+           "stats": {...}}   # BatchNorm's running statistics ({} for a model without any)
 
 Every array in `state` has an explicit NamedSharding (sharding.py); the train step is one
 `jax.jit` with in/out shardings and the state donated. Randomness (augmentation, drop path) is
@@ -46,13 +47,14 @@ class Net:
   """The static half of the model: its graph and non-param state."""
   graphdef: Any
   rest: Any
-  wrt: Any = nnx.Param  # the nnx filter of the params that train (vmamba.trainable)
+  wrt: Any = nnx.Param  # the nnx filter of the params that train (registry.trainable)
 
-  def model(self, params, *, train, key=None):
-    """The module with `params` (a pure dict); in training mode drop path draws from `key`.
+  def model(self, params, *, train, key=None, stats=None):
+    """The module with `params` and BatchNorm `stats` (pure dicts; stats may be omitted by a
+    model without BatchNorm); in training mode drop path and dropout draw from `key`.
     Differentiate it with nnx transforms at the level it is made (nnx forbids mutating its
     RNG state from inside a jax.grad trace)."""
-    model = nnx.merge(self.graphdef, params, self.rest)
+    model = nnx.merge(self.graphdef, params, {} if stats is None else stats, self.rest)
     if train:
       nnx.reseed(model, default=key)
       model.train()
@@ -64,7 +66,7 @@ class Net:
 def make_net(config, num_classes):
   """(net, abstract params as an nnx.State, trainable mask or None), without any compute."""
   model = nnx.eval_shape(lambda: build_model(config, num_classes))
-  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  graphdef, params, _, rest = nnx.split(model, nnx.Param, nnx.BatchStat, ...)
   head_only = config.train_only == "head"
   mask = registry.trainable_mask(model, head_only=head_only)
   wrt = registry.trainable(model, head_only=head_only)
@@ -100,11 +102,20 @@ def create(config, num_classes, mesh, tx, made=None):
 
   def init():
     model = build_model(config, num_classes)
-    return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    return (nnx.to_pure_dict(nnx.state(model, nnx.Param)),
+            nnx.to_pure_dict(nnx.state(model, nnx.BatchStat)))
 
-  params = _compile(jax.jit(init, out_shardings=shardings))()
-  state, shardings = init_state(params, shardings, config, tx, mesh)
+  repl = sharding.replicated(mesh)
+  stats_shardings = jax.tree.map(lambda _: repl, initial_stats(config, num_classes))
+  params, stats = _compile(jax.jit(init, out_shardings=(shardings, stats_shardings)))()
+  state, shardings = init_state(params, shardings, config, tx, mesh, stats)
   return net, state, shardings
+
+
+def initial_stats(config, num_classes):
+  """The BatchNorm statistics a fresh model starts with, abstract ({} without BatchNorm)."""
+  model = nnx.eval_shape(lambda: build_model(config, num_classes))
+  return nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))
 
 
 def _compile(jitted, *args):
@@ -117,28 +128,31 @@ def _compile(jitted, *args):
   return lowered.compile()
 
 
-def state_shardings(abstract_params, param_shardings, config, tx, mesh):
-  """The shardings of every leaf of the train state around params of `param_shardings`."""
+def state_shardings(abstract_params, param_shardings, config, tx, mesh, stats):
+  """The shardings of every leaf of the train state around params of `param_shardings`
+  (BatchNorm's `stats`, small, are replicated)."""
   repl = sharding.replicated(mesh)
   masked = lambda x: isinstance(x, optax.MaskedNode)  # frozen params' slots (multi_transform)
   opt_shardings = optax.tree_map_params(
       tx, lambda x, s: x if masked(x) else s, jax.eval_shape(tx.init, abstract_params),
       param_shardings, transform_non_params=lambda _: repl, is_leaf=masked)
   return dict(step=repl, params=param_shardings, opt=opt_shardings,
-              ema=param_shardings if config.ema_decay else None)
+              ema=param_shardings if config.ema_decay else None,
+              stats=jax.tree.map(lambda _: repl, stats))
 
 
-def _make_state(params, tx, config):
+def _make_state(params, stats, tx, config):
   return dict(step=jnp.zeros((), jnp.int32), params=params, opt=tx.init(params),
-              ema=jax.tree.map(jnp.copy, params) if config.ema_decay else None)
+              ema=jax.tree.map(jnp.copy, params) if config.ema_decay else None, stats=stats)
 
 
-def init_state(params, param_shardings, config, tx, mesh):
-  """The train state around `params` (already placed), and the shardings of every leaf."""
-  shardings = state_shardings(params, param_shardings, config, tx, mesh)
-  make = lambda params: _make_state(params, tx, config)
-  state = _compile(jax.jit(make, in_shardings=(param_shardings,), out_shardings=shardings),
-                   params)(params)
+def init_state(params, param_shardings, config, tx, mesh, stats):
+  """The train state around `params` and `stats` (already placed), and the shardings of every
+  leaf."""
+  shardings = state_shardings(params, param_shardings, config, tx, mesh, stats)
+  make = lambda params, stats: _make_state(params, stats, tx, config)
+  state = _compile(jax.jit(make, in_shardings=(param_shardings, shardings["stats"]),
+                           out_shardings=shardings), params, stats)(params, stats)
   return state, shardings
 
 
@@ -149,8 +163,9 @@ def abstract_state(config, num_classes, mesh, tx, made=None):
   net, abstract_params, _ = made or make_net(config, num_classes)
   param_sh = param_shardings(abstract_params, mesh)
   params = nnx.to_pure_dict(abstract_params)
-  shardings = state_shardings(params, param_sh, config, tx, mesh)
-  shapes = jax.eval_shape(lambda p: _make_state(p, tx, config), params)
+  stats = initial_stats(config, num_classes)
+  shardings = state_shardings(params, param_sh, config, tx, mesh, stats)
+  shapes = jax.eval_shape(lambda p, s: _make_state(p, s, tx, config), params, stats)
   placed = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                         shapes, shardings)
   return net, placed, shardings
@@ -164,32 +179,37 @@ def make_train_step(net, tx, config, num_classes, shardings, mesh):
   non-finite step leaves params, optimizer state and EMA as they were."""
   accum, task = config.grad_accum, tasks.get(config.task)
 
-  def grad_fn(params, x, targets, key):
+  def grad_fn(params, stats, x, targets, key):
+    """(loss, grads, the BatchNorm statistics this forward pass updated)."""
     def loss_fn(model):
-      return task.loss(model(x), targets)
-    grad = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, net.wrt))
-    loss, grads = grad(net.model(params, train=True, key=key))
-    return loss, _zeros_where_missing(nnx.to_pure_dict(grads), params)
+      loss = task.loss(model(x), targets)
+      return loss, nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))
+    grad = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, net.wrt), has_aux=True)
+    (loss, stats), grads = grad(net.model(params, train=True, key=key, stats=stats))
+    return loss, _zeros_where_missing(nnx.to_pure_dict(grads), params), stats
 
   def train_step(state, batch):
     key = jax.random.fold_in(jax.random.key(config.seed), state["step"])
     k_aug, k_drop = jax.random.split(key)
     x, targets = task.train_inputs(k_aug, batch, config.data, num_classes)
     if accum == 1:
-      loss, grads = grad_fn(state["params"], x, targets, k_drop)
+      loss, grads, stats = grad_fn(state["params"], state["stats"], x, targets, k_drop)
     else:
       # micro-batch i takes every accum-th example: each device's part of the batch splits
       # evenly into the micro-batches, so they stay on every device (no resharding)
       micro = lambda tree: jax.tree.map(
           lambda a: a.reshape(a.shape[0] // accum, accum, *a.shape[1:]).swapaxes(0, 1), tree)
 
-      def body(carry, inputs):
+      def body(carry, inputs):  # the statistics go from micro-batch to micro-batch
+        (loss, grads), stats = carry
         i, x_i, t_i = inputs
-        loss_i, grads_i = grad_fn(state["params"], x_i, t_i, jax.random.fold_in(k_drop, i))
-        return jax.tree.map(jnp.add, carry, (loss_i, grads_i)), None
+        loss_i, grads_i, stats = grad_fn(state["params"], stats, x_i, t_i,
+                                         jax.random.fold_in(k_drop, i))
+        return (jax.tree.map(jnp.add, (loss, grads), (loss_i, grads_i)), stats), None
 
       zero = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, state["params"]))
-      (loss, grads), _ = jax.lax.scan(body, zero, (jnp.arange(accum), micro(x), micro(targets)))
+      ((loss, grads), stats), _ = jax.lax.scan(
+          body, (zero, state["stats"]), (jnp.arange(accum), micro(x), micro(targets)))
       loss, grads = jax.tree.map(lambda g: g / accum, (loss, grads))
     updates, opt = tx.update(grads, state["opt"], state["params"])
     params = optax.apply_updates(state["params"], updates)
@@ -199,7 +219,7 @@ def make_train_step(net, tx, config, num_classes, shardings, mesh):
       ema = jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, ema, params)
     grad_norm = optax.global_norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    new = dict(params=params, opt=opt, ema=ema)
+    new = dict(params=params, opt=opt, ema=ema, stats=stats)
     if config.skip_nonfinite:  # such a step changes nothing but the step count
       old = {k: state[k] for k in new}
       new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
@@ -219,14 +239,17 @@ def _zeros_where_missing(grads, params):
 
 
 def make_eval_step(net, config, param_shardings, mesh):
-  """jit(eval_step)(params, batch) -> the task's counts (classification: top1, top5, n) summed
-  over the (global) batch; padded examples count in none."""
+  """jit(eval_step)(variables, batch) -> the task's counts (classification: top1, top5, n)
+  summed over the (global) batch; padded examples count in none. variables: {"params": the
+  params, "stats": BatchNorm's statistics ({} without BatchNorm)}."""
   task = tasks.get(config.task)
 
-  def eval_step(params, batch):
-    outputs = net.model(params, train=False)(task.eval_inputs(batch, config.data))
-    return task.eval_counts(outputs, batch)
+  def eval_step(variables, batch):
+    model = net.model(variables["params"], train=False, stats=variables["stats"])
+    return task.eval_counts(model(task.eval_inputs(batch, config.data)), batch)
 
+  repl = sharding.replicated(mesh)
   return jax.jit(sharding.on_mesh(eval_step, mesh),
-                 in_shardings=(param_shardings, sharding.batch_sharding(mesh)),
-                 out_shardings=sharding.replicated(mesh))
+                 in_shardings=(dict(params=param_shardings, stats=repl),
+                               sharding.batch_sharding(mesh)),
+                 out_shardings=repl)
