@@ -1,9 +1,11 @@
 """Tiny datasets in their distributed formats, written inside tests: CIFAR-100's python archive,
-SVHN's cropped-digit .mat files, Food-101's archive (tests/test_catalog.py, tests/test_transfer.py)."""
+SVHN's cropped-digit .mat files, Food-101's archive (tests/test_catalog.py, tests/test_transfer.py),
+ADE20K's ADEChallengeData2016.zip (tests/test_ade20k.py)."""
 import io
 import os
 import pickle
 import tarfile
+import zipfile
 
 import numpy as np
 from PIL import Image
@@ -79,3 +81,63 @@ def write_food101(path, rng, train=None, test=None, drop=(), corrupt=()):
     add_member(tar, "food-101/meta/train.txt", "\n".join(train).encode() + b"\n")
     add_member(tar, "food-101/meta/test.txt", "\n".join(test).encode() + b"\n")
   return images, train, test
+
+
+def jpeg(array, quality=95):
+  buf = io.BytesIO()
+  Image.fromarray(array).save(buf, format="JPEG", quality=quality)
+  return buf.getvalue()
+
+
+def png_bytes(array):
+  buf = io.BytesIO()
+  Image.fromarray(array).save(buf, format="PNG")
+  return buf.getvalue()
+
+
+ADE_NAMES = ["wall", "building;edifice", "sky"] + [f"thing{i};other name" for i in range(4, 151)]
+
+
+def write_ade20k(path, rng, sizes=None, folder=False, break_pair=None):
+  """A tiny ADEChallengeData2016.zip (or folder when `folder`) as distributed: images/{training,
+  validation}/ADE_*.jpg, annotations/.../ADE_*.png (8-bit labels 0..150), objectInfo150.txt.
+  sizes: {split: [(height, width, kind)]}, kind "rgb", "gray" (a grayscale JPEG) or "ignored"
+  (an annotation of 0 only). break_pair: "unpaired" / "size" / "label" spoils the first train
+  pair. Returns {split: [(file stem, image array as it decodes to RGB, labels)]}."""
+  sizes = sizes or {"train": [(37, 53, "rgb"), (29, 41, "gray"), (40, 32, "ignored")],
+                    "validation": [(33, 47, "rgb"), (26, 35, "rgb")]}
+  info = "Idx\tRatio\tTrain\tVal\tName\n" + "".join(
+      f"{i}\t0.01\t10\t1\t{name}\n" for i, name in enumerate(ADE_NAMES, 1))
+  files, made = {"objectInfo150.txt": info.encode()}, {}
+  for split, folder_name in (("train", "training"), ("validation", "validation")):
+    made[split] = []
+    for n, (h, w, kind) in enumerate(sizes[split], 1):
+      stem = f"ADE_{folder_name[:5]}_{n:08d}"
+      smooth = np.repeat(np.repeat(rng.integers(0, 256, (h // 4 + 1, w // 4 + 1)), 4, 0), 4, 1)
+      gray = smooth[:h, :w].astype(np.uint8)
+      image = gray if kind == "gray" else np.stack([gray, 255 - gray, gray // 2], -1)
+      labels = np.zeros((h, w), np.uint8) if kind == "ignored" else rng.integers(
+          0, 151, (h, w)).astype(np.uint8)
+      if kind != "ignored":
+        labels[0, 0], labels[-1, -1] = 0, 150  # both ends of the range
+      data = jpeg(image)
+      if break_pair == "size" and split == "train" and n == 1:
+        labels = labels[:-1]
+      if break_pair == "label" and split == "train" and n == 1:
+        labels[1, 1] = 151
+      files[f"images/{folder_name}/{stem}.jpg"] = data
+      if not (break_pair == "unpaired" and split == "train" and n == 1):
+        files[f"annotations/{folder_name}/{stem}.png"] = png_bytes(labels)
+      decoded = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+      made[split].append((stem, decoded, labels))
+  if folder:
+    for name, data in files.items():
+      target = os.path.join(path, "ADEChallengeData2016", name)
+      os.makedirs(os.path.dirname(target), exist_ok=True)
+      with open(target, "wb") as f:
+        f.write(data)
+  else:
+    with zipfile.ZipFile(path, "w") as z:
+      for name, data in files.items():
+        z.writestr(f"ADEChallengeData2016/{name}", data)
+  return made

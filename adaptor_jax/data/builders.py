@@ -78,16 +78,18 @@ class _Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   code_path = None
   pkg_dir_path = epath.Path(os.path.dirname(os.path.abspath(__file__)))
 
-  def __init__(self, *, features, examples=None, description="", **kwargs):
+  def __init__(self, *, features, examples=None, description="", metadata=None, **kwargs):
     self._features = features
     self._examples = examples or {}
     self._description = description
+    self._metadata = metadata
     super().__init__(**kwargs)
 
   def _info(self):
+    supervised = ("image", "label") if "label" in self._features else None
     return self.dataset_info_from_configs(
-        description=self._description, features=self._features,
-        supervised_keys=("image", "label"))
+        description=self._description, features=self._features, supervised_keys=supervised,
+        metadata=tfds.core.MetadataDict(self._metadata) if self._metadata else None)
 
   def _split_generators(self, dl_manager):
     del dl_manager
@@ -166,15 +168,16 @@ def _prepare(builder):
   return builder
 
 
-def write(name, data_dir, features, examples, description, version=DEFAULT_VERSION):
+def write(name, data_dir, features, examples, description, version=DEFAULT_VERSION,
+          metadata=None):
   """Writes `examples` ({split: iterable of (key, example)}) as `name`/`version` in the local
-  data_dir. Files of that version already there are removed first (else TFDS would reuse
-  them)."""
+  data_dir, with `metadata` (a dict, e.g. a segmentation dataset's class names). Files of that
+  version already there are removed first (else TFDS would reuse them)."""
   if os.path.isdir(_version_dir(name, data_dir, version)):
     shutil.rmtree(_version_dir(name, data_dir, version))
   return _prepare(_builder_class(name, version)(
       data_dir=data_dir, file_format="array_record", features=features, examples=examples,
-      description=description))
+      description=description, metadata=metadata))
 
 
 def _version_dir(name, data_dir, version=DEFAULT_VERSION):
@@ -430,7 +433,8 @@ def _define_flags():
   flags.DEFINE_integer("seed", 0, "image_folder: seed of the random split.")
   flags.DEFINE_string("source", None, "cifar100: cifar-100-python.tar.gz; svhn_cropped: the "
                       "directory of train_32x32.mat, test_32x32.mat (, extra_32x32.mat); "
-                      "food101: food-101.tar.gz.")
+                      "food101: food-101.tar.gz; ade20k: ADEChallengeData2016.zip or its "
+                      "folder.")
   flags.DEFINE_bool("overwrite", False, "All but digits: rebuild if it exists.")
   flags.DEFINE_bool("skip_bad", False, "image_folder: leave out files that do not decode "
                     "(default: refuse to build, naming them).")
@@ -461,8 +465,10 @@ def main(argv):
     raise app.UsageError(f"--dataset is required: one of digits, image_folder, "
                          f"{', '.join(CATALOG_BUILDERS)}")
   splits = {s: info.num_examples for s, info in builder.info.splits.items()}
-  print(f"{builder.info.name} in {builder.data_dir}: {builder.info.features['label'].num_classes}"
-        f" classes, {splits}")
+  features, metadata = builder.info.features, builder.info.metadata or {}
+  classes = (features["label"].num_classes if "label" in features
+             else len(metadata.get("class_names", [])))
+  print(f"{builder.info.name} in {builder.data_dir}: {classes} classes, {splits}")
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from absl import logging
 
-from adaptor_jax.data import builders
+from adaptor_jax.data import ade20k, builders
 from adaptor_jax.data.builders import BuildError, SourceMissing
 
 
@@ -342,5 +342,7 @@ def _write_food101(data_dir, source):
                {s: len(split_rows) for s, split_rows in rows.items()})
 
 
+# Every dataset built from the files its site distributes (--source), ade20k.py's included.
 CATALOG_BUILDERS = {CIFAR100_NAME: build_cifar100, SVHN_NAME: build_svhn_cropped,
-                    FOOD101_NAME: build_food101}
+                    FOOD101_NAME: build_food101, ade20k.NAME: ade20k.build}
+CATALOG_SOURCES[ade20k.NAME] = ade20k.SOURCE
