@@ -199,8 +199,11 @@ class _Watchdog(threading.Thread):
     atexit.register(leave)  # after jax's own handler: runs first
 
   def await_verdict(self):
-    """Blocks until the watchdog has had the time to find a lost process (it then exits)."""
-    self._verdict.wait(self.timeout_s + 2 * self.beat_s)
+    """Blocks until the watchdog has had the time to find a lost process; once it has, blocks
+    for good: the watchdog is printing its line and ends the process (the caller's traceback
+    would race it)."""
+    if self._verdict.wait(self.timeout_s + 2 * self.beat_s):
+      threading.Event().wait()
 
 
 def _first_line(e):
