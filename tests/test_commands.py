@@ -59,7 +59,8 @@ MISTAKES = {
     "foreign_file_to_convert": (
         [PY, "-m", "adaptor_jax.convert.vmamba", "--checkpoint={tmp}/notes.npz",
          "--model=vmamba_tiny", "--output={tmp}/out"], 1,
-        "adaptor_jax.convert.vmamba: {tmp}/notes.npz: not a readable .npz ("),
+        "adaptor_jax.convert.vmamba: {tmp}/notes.npz: not an .npz (not a zip archive of .npy "
+        "arrays)"),
     "unknown_model": (
         [PY, "-m", "adaptor_jax.summary", "--model=vmamba_huge"], 2,
         "adaptor_jax.summary: --model=vmamba_huge: not a preset; one of"),

@@ -49,3 +49,13 @@ def test_booster_keeps_its_adaptors_and_cannot_be_exported():
     assert filled != ("adaptor_t" in path or "adaptor_s" in path), path
   with pytest.raises(ValueError, match="adaptor params"):
     cv.to_state_dict(model)
+
+
+def test_an_npz_of_pickled_objects_is_refused_unloaded(tmp_path):
+  """An .npz whose array is a pickled object (which could run code when loaded) is refused in
+  one line; nothing of it is unpickled."""
+  from adaptor_jax.convert import state_dict as sd  # noqa: PLC0415
+  path = tmp_path / "vssm.npz"
+  np.savez(path, weights=np.array([{"a": 1}], dtype=object))
+  with pytest.raises(sd.CheckpointUnreadable, match="holds pickled objects, which are never loaded"):
+    sd.read_checkpoint(str(path))

@@ -89,10 +89,17 @@ def read_checkpoint(path, key="model"):
     raise CheckpointUnreadable(f"{path}: no such file")
   data = path.read_bytes()
   if path.suffix == ".npz":  # arrays only: np.load refuses pickled objects
+    if not zipfile.is_zipfile(io.BytesIO(data)):  # np.load would try it as a pickle
+      raise CheckpointUnreadable(f"{path}: not an .npz (not a zip archive of .npy arrays)")
     try:
       with np.load(io.BytesIO(data)) as f:
         return {k: f[k] for k in f.files}
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+    except ValueError as e:
+      if "allow_pickle" in str(e):
+        raise CheckpointUnreadable(f"{path}: holds pickled objects, which are never loaded (they "
+                                   "could run code); save plain arrays (np.savez)") from None
+      raise CheckpointUnreadable(f"{path}: not a readable .npz ({_first_line(e)})") from None
+    except (OSError, EOFError, zipfile.BadZipFile) as e:
       raise CheckpointUnreadable(f"{path}: not a readable .npz ({_first_line(e)})") from None
   try:
     import torch  # noqa: PLC0415 - optional: pip install -e '.[convert]'
