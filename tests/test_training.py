@@ -198,6 +198,7 @@ def _set(path, value):
 
 @pytest.mark.parametrize("change,key", [
     (_set("lr_schedule", "cosine"), "lr_schedule"),
+    (_set("schedule", "step"), "schedule"),
     (_set("model", "resnet50"), "model"),
     (_set("form", "sideways"), "form"),
     (_set("share_adaptor", True), "share_adaptor"),  # only with form="adaptor"
@@ -408,6 +409,17 @@ def test_schedule_endpoints_with_linear_scaling():
   for step, value in expected.items():
     np.testing.assert_allclose(float(sched(step)), value, rtol=1e-5, err_msg=str(step))
 
+
+
+def test_poly_schedule_is_linear_after_the_warm_up():
+  """schedule="poly" (mmseg's PolyLR, power 1): the same warm-up, then linear from lr to min_lr
+  over the remaining steps."""
+  sched = optimizer.schedule(_opt_config(schedule="poly"), steps_per_epoch=10)
+  s = 0.25
+  expected = {0: 1e-6 * s, 5: (1e-6 + 1e-3) / 2 * s, 10: 1e-3 * s, 30: (1e-3 + 1e-5) / 2 * s,
+              40: (1e-3 + 3 * 1e-5) / 4 * s, 50: 1e-5 * s, 60: 1e-5 * s}
+  for step, value in expected.items():
+    np.testing.assert_allclose(float(sched(step)), value, rtol=1e-5, err_msg=str(step))
 
 # ------------------------------------------------------------------------------------------------
 # In-process train steps on one device.

@@ -39,4 +39,12 @@ def default_data_config():
       # nothing but failures raises even at 1.
       max_bad_fraction=0.02,
       bad_window=10000,
+      # Semantic segmentation (config.task "segmentation"; mmseg's ADE20K pipeline,
+      # data/segtransforms.py): image_size is the square crop; hflip, mean and std apply.
+      seg_scale=(2048, 512),        # rescale to fit (long, short) keeping the ratio
+      seg_ratio=(0.5, 2.0),         # train: seg_scale times U(seg_ratio)
+      cat_max_ratio=0.75,           # train crop: redrawn while one class covers this much
+      photometric=True,             # train: mmseg's PhotoMetricDistortion
+      reduce_zero_label=True,       # label 0 ("other") ignored, 1..N -> 0..N-1
+      eval_bucket=64,               # eval: images and label maps padded to multiples of this
   ))

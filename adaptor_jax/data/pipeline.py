@@ -62,7 +62,7 @@ from etils import epath
 from google.protobuf import message as proto_message
 
 from adaptor_jax import errors, paths
-from adaptor_jax.data import builders, catalog, transforms
+from adaptor_jax.data import builders, catalog, seg_digits, transforms
 from adaptor_jax.data.config import default_data_config  # noqa: F401 - the knobs of `cfg`
 
 _RANDOM_ACCESS_FORMATS = tfds.core.file_adapters.FileFormat.with_random_access()
@@ -71,7 +71,7 @@ _RANDOM_ACCESS_FORMATS = tfds.core.file_adapters.FileFormat.with_random_access()
 # truncated file, missing file) into RuntimeError; TFDS then parses the record's tf.train.Example
 # proto, which raises DecodeError on bytes that are no proto.
 _READ_ERRORS = (RuntimeError, proto_message.DecodeError)
-_OK, _UNREADABLE, _UNDECODABLE = 0, 1, 2  # a row's "fail" code
+OK, _UNREADABLE, UNDECODABLE = 0, 1, 2  # a row's "fail" code
 _WARN_FIRST = 5     # failures logged one line each, then
 _WARN_EVERY = 1000  # one summary line every this many failures
 _FILES_NAMED = 5    # files named in messages, the most failed first
@@ -125,6 +125,8 @@ def open_builder(cfg):
   name, data_dir = cfg.name, cfg.data_dir
   if name == builders.DIGITS_NAME:
     return builders.build_digits(data_dir)
+  if name == seg_digits.NAME:
+    return seg_digits.build(data_dir)
   if data_dir:
     data_dir = str(paths.resolve(data_dir, "config.data.data_dir"))
     paths.check_bucket(data_dir, "config.data.data_dir")
@@ -151,11 +153,15 @@ def open_builder(cfg):
 def open_source(cfg, split):
   """Random-access source of `split`: records {"image": encoded bytes, "label": int, ...}.
 
-  Images are not decoded here (SkipDecoding): the pipeline's workers decode them.
+  Images (every Image feature: a segmentation's label map too) are not decoded here
+  (SkipDecoding): the pipeline's workers decode them.
   """
   builder = open_builder(cfg)
   _split_info(builder, split)
-  return builder.as_data_source(split=split, decoders={"image": tfds.decode.SkipDecoding()})
+  features = builder.info.features
+  decoders = {k: tfds.decode.SkipDecoding() for k in features
+              if isinstance(features[k], tfds.features.Image)}
+  return builder.as_data_source(split=split, decoders=decoders)
 
 
 def _split_info(builder, split):
@@ -191,22 +197,22 @@ def _derived_seed(seed, stream):
 
 
 def _read(source, record_index):
-  """(record, _OK) or (None, _UNREADABLE) when the source cannot read it."""
+  """(record, OK) or (None, _UNREADABLE) when the source cannot read it."""
   try:
-    return source[record_index], _OK
+    return source[record_index], OK
   except _READ_ERRORS:
     return None, _UNREADABLE
 
 
 def _decoded(record):
-  """(image, _OK) or (None, _UNDECODABLE) when the record's bytes are not an image."""
+  """(image, OK) or (None, UNDECODABLE) when the record's bytes are not an image."""
   try:
-    return transforms.decode(record["image"]), _OK
+    return transforms.decode(record["image"]), OK
   except ValueError:
-    return None, _UNDECODABLE
+    return None, UNDECODABLE
 
 
-def _read_and_decode(source, record_index):
+def read_and_decode(source, record_index):
   """(record or None, image or None, fail code) of one record."""
   record, fail = _read(source, record_index)
   if fail:
@@ -224,7 +230,7 @@ class _TrainRecord:
 
   def __call__(self, position, record_index):
     record_index = int(record_index)
-    record, image, fail = _read_and_decode(self._source, record_index)
+    record, image, fail = read_and_decode(self._source, record_index)
     if fail:
       image = self._blank
     else:
@@ -248,9 +254,9 @@ class _EvalRecord:
   def __call__(self, position):
     record_index = self._process_index + position * self._process_count
     if record_index >= self._size:  # padding of the last batch
-      return dict(image=self._blank, label=np.int32(0), index=np.int32(-1), fail=np.int8(_OK),
+      return dict(image=self._blank, label=np.int32(0), index=np.int32(-1), fail=np.int8(OK),
                   real=np.bool_(False))
-    record, image, fail = _read_and_decode(self._source, record_index)
+    record, image, fail = read_and_decode(self._source, record_index)
     image = self._blank if fail else transforms.eval_transform(image, self._cfg)
     label = 0 if record is None else record["label"]
     return dict(image=image, label=np.int32(label), index=np.int32(record_index),
@@ -318,15 +324,15 @@ class _Failures:
   def stats(self):
     """This split's counts (the iterators' failures())."""
     return dict(dataset=self._name, split=self._split, seen=self.seen,
-                failed=self.by_code[_UNREADABLE] + self.by_code[_UNDECODABLE],
-                unreadable=self.by_code[_UNREADABLE], undecodable=self.by_code[_UNDECODABLE],
+                failed=self.by_code[_UNREADABLE] + self.by_code[UNDECODABLE],
+                unreadable=self.by_code[_UNREADABLE], undecodable=self.by_code[UNDECODABLE],
                 by_file=dict(self.by_file))
 
   def add(self, indices, fails):
     """Counts one batch's real rows (record indices, fail codes); warns; raises past the limit."""
     self.seen += len(fails)
-    self._slide(fails != _OK)
-    for index, fail in zip(indices[fails != _OK].tolist(), fails[fails != _OK].tolist()):
+    self._slide(fails != OK)
+    for index, fail in zip(indices[fails != OK].tolist(), fails[fails != OK].tolist()):
       self.by_code[fail] += 1
       self.by_file[self._files.locate(index)[0]] += 1
       self._warn(index)
@@ -383,8 +389,8 @@ class _DropCorrupt:
   def __call__(self, batch):
     real = batch["real"]
     self._failures.add(batch["index"][real], batch["fail"][real])
-    corrupt = real & (batch["fail"] != _OK)
-    out = dict(image=batch["image"], label=batch["label"])
+    corrupt = real & (batch["fail"] != OK)
+    out = {k: v for k, v in batch.items() if k not in ("index", "fail", "real")}
     if self._with_index:
       out["index"] = batch["index"]
     if self._keep_rows:
@@ -448,12 +454,15 @@ def _check_batch_size(batch_size):
 
 
 def train_iterator(cfg, *, batch_size, seed, process_index=None, process_count=None,
-                   with_index=False):
+                   with_index=False, record=None):
   """Infinite, checkpointable iterator of this process's training batches (see module doc).
 
   Yields {"image": uint8 (batch_size, S, S, 3), "label": int32 (batch_size,)}, plus "index"
   (int32 record indices) when `with_index`. process_index / process_count default to JAX's.
   Failed records are dropped and counted (`failures()`); BadDataError past the threshold.
+  record: what makes an example of a record, record(source, cfg, seed, size)(position,
+  index) -> its arrays with "index", "fail" and "real" (default: classification's; another
+  task's gives its own arrays, e.g. segmentation's label maps).
   """
   batch_size = _check_batch_size(batch_size)
   process_index, process_count = _process(process_index, process_count)
@@ -462,7 +471,7 @@ def train_iterator(cfg, *, batch_size, seed, process_index=None, process_count=N
   if size == 0:
     raise ValueError(f"Split {cfg.train_split!r} of {cfg.name!r} is empty.")
   ds = grain.MapDataset.range(size).shuffle(seed=_derived_seed(seed, 0)).repeat()
-  ds = ds.map_with_index(_TrainRecord(source, cfg, seed, size))
+  ds = ds.map_with_index((record or _TrainRecord)(source, cfg, seed, size))
   ds = ds[process_index::process_count].batch(batch_size, drop_remainder=True)
   ds = _to_iter(ds, cfg)
   failures = _Failures(cfg, cfg.train_split, source)
@@ -481,7 +490,7 @@ def num_eval_batches(cfg, *, batch_size, split=None, process_count=None):
 
 
 def eval_iterator(cfg, *, batch_size, split=None, process_index=None, process_count=None,
-                  with_index=False):
+                  with_index=False, record=None):
   """Finite iterator over this process's share of `split` (default cfg.eval_split), in order.
 
   Yields {"image": uint8 (batch_size, S, S, 3), "label": int32, "mask": bool} (+ "index" when
@@ -489,6 +498,7 @@ def eval_iterator(cfg, *, batch_size, split=None, process_index=None, process_co
   the same number of batches (num_eval_batches), the last ones padded (mask False), so each
   record is seen exactly once over all processes. A record that cannot be read or does not
   decode is masked out and counted (`failures()`); BadDataError past the threshold.
+  record: as train_iterator's, record(source, cfg, process_index, process_count)(position).
   """
   batch_size = _check_batch_size(batch_size)
   process_index, process_count = _process(process_index, process_count)
@@ -496,7 +506,8 @@ def eval_iterator(cfg, *, batch_size, split=None, process_index=None, process_co
   source = open_source(cfg, split)
   per_process = -(-len(source) // process_count)
   padded = math.ceil(per_process / batch_size) * batch_size
-  ds = grain.MapDataset.range(padded).map(_EvalRecord(source, cfg, process_index, process_count))
+  ds = grain.MapDataset.range(padded).map(
+      (record or _EvalRecord)(source, cfg, process_index, process_count))
   # No more workers than batches: each would start (seconds) for nothing.
   ds = _to_iter(ds.batch(batch_size), cfg, max_workers=padded // batch_size)
   failures = _Failures(cfg, split, source)

@@ -45,6 +45,7 @@ def default_config():
   c.grad_accum = 1                # micro-batches per step (batch_size divisible by it)
   c.epochs = 300.0
   c.warmup_epochs = 20.0
+  c.schedule = "cosine"           # after the linear warm-up: cosine | poly (linear, mmseg's)
   # AdamW with linear scaling: the rates below are per `lr_base_batch` images.
   c.lr = 1e-3
   c.warmup_lr = 1e-6
@@ -142,6 +143,8 @@ def validate(config):
               "skip_nonfinite"):
     if c[key] < 0:
       _fail(key, f"must be >= 0, got {c[key]}")
+  if c.schedule not in ("cosine", "poly"):
+    _fail("schedule", f"{c.schedule!r} is not cosine or poly")
   if c.warmup_epochs >= c.epochs:
     _fail("warmup_epochs", f"{c.warmup_epochs} must be below epochs {c.epochs}")
   if not 0 <= c.ema_decay < 1:

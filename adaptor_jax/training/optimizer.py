@@ -8,14 +8,20 @@ from adaptor_jax.models import registry
 
 
 def schedule(config, steps_per_epoch):
-  """lr per step: warm-up from warmup_lr to lr, then cosine to min_lr, all scaled by
-  batch_size / lr_base_batch."""
+  """lr per step: linear warm-up from warmup_lr to lr, then config.schedule down to min_lr:
+  cosine, or poly (power 1: linear, mmseg's PolyLR), all scaled by batch_size /
+  lr_base_batch."""
   scale = config.batch_size / config.lr_base_batch
   total = max(1, round(config.epochs * steps_per_epoch))
   warmup = round(config.warmup_epochs * steps_per_epoch)
-  return optax.warmup_cosine_decay_schedule(
-      init_value=config.warmup_lr * scale, peak_value=config.lr * scale, warmup_steps=warmup,
-      decay_steps=total, end_value=config.min_lr * scale)
+  if config.schedule == "cosine":
+    return optax.warmup_cosine_decay_schedule(
+        init_value=config.warmup_lr * scale, peak_value=config.lr * scale, warmup_steps=warmup,
+        decay_steps=total, end_value=config.min_lr * scale)
+  return optax.join_schedules([
+      optax.linear_schedule(config.warmup_lr * scale, config.lr * scale, warmup),
+      optax.polynomial_schedule(config.lr * scale, config.min_lr * scale, power=1,
+                                transition_steps=max(1, total - warmup))], [warmup])
 
 
 def make(config, steps_per_epoch, trainable=None):

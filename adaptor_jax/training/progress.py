@@ -63,10 +63,12 @@ class Progress:
     self.line(line)
 
   def scalars(self, step, values, prefix=""):
+    """Numbers to TensorBoard and metrics.jsonl; lists (per-class values) to metrics.jsonl."""
     if self.writer is not None:
-      values = {prefix + k: float(v) for k, v in values.items()}
+      values = {prefix + k: v if isinstance(v, list) else float(v) for k, v in values.items()}
       for k, v in values.items():
-        self.writer.add_scalar(k, v, step)
+        if not isinstance(v, list):
+          self.writer.add_scalar(k, v, step)
       self.writer.flush()
       self.jsonl.write(json.dumps(dict(step=step, **values)) + "\n")
       self.jsonl.flush()

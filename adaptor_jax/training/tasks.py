@@ -11,9 +11,9 @@
 
 so that the loop, checkpoints, resume, sharding, EMA, remat and the paths stay one trainer.
 """
-from adaptor_jax.training import classification
+from adaptor_jax.training import classification, segmentation
 
-TASKS = {classification.NAME: classification}
+TASKS = {classification.NAME: classification, segmentation.NAME: segmentation}
 
 
 def get(name):
