@@ -16,7 +16,8 @@ and records from the compiled program, per chip:
   cost       FLOPs and bytes accessed per image (XLA's cost analysis of the optimized program);
   roofline   a bound on training images/s per chip: 1 / max(FLOPs / peak FLOP/s, bytes / HBM
              bandwidth), the chips' published figures (aot.CHIPS); a bound, not a measurement.
---pod adds one pod-sized row per model: the slice (e.g. v5e:256, a 16x16 v5e) with the mesh
+An upernet_* preset compiles the segmentation train step (pixel labels, 150 classes; pass
+--image_size=512 for ADE20K's crop). --pod adds one pod-sized row per model: the slice (e.g. v5e:256, a 16x16 v5e) with the mesh
 (data, fsdp) = (chips / 16, 16) at the recipe's global batch of 1024, to check that the step
 compiles and that params and optimizer state are sharded (their bytes per chip against the
 unsharded total).
@@ -34,6 +35,7 @@ import ml_collections
 from absl import app, flags
 
 import results_file
+from adaptor_jax.models import registry
 from adaptor_jax.training import aot, config as config_lib
 
 FLAGS = flags.FLAGS
@@ -62,8 +64,9 @@ OOM = [re.compile(r"temporaries \(([\d.]+)([KMGT])\) exceeds available HBM"),
 def make_config(model, remat, mesh):
   c = config_lib.default_config()
   c.model, c.remat, c.dtype = model, remat, FLAGS.dtype
+  c.task = registry.task_of(model)  # upernet_*: segmentation (pixel labels), ADE20K's classes
   c.data.image_size = FLAGS.image_size
-  c.num_classes = 1000
+  c.num_classes = 150 if c.task == "segmentation" else 1000
   c.mesh = ml_collections.ConfigDict(dict(data=mesh[0], fsdp=mesh[1]))
   return c
 

@@ -60,6 +60,18 @@ def test_sharded_eval_step_compiles_for_a_4_chip_v5e():
   assert not aot.custom_calls(compiled, "selective_scan_bwd")
 
 
+def test_segmentation_train_step_compiles_for_a_4_chip_v5e():
+  """A tiny UperNet on the b1 form (BatchNorm over the global batch, both heads, the pixel loss)
+  compiles for v5e:2x2 with (data 2, fsdp 2); every Mosaic scan takes one chip's images."""
+  c = tpu_tiny_config((2, 2))
+  c.task, c.model, c.num_classes = "segmentation", "upernet_b1", 5
+  c.model_overrides = ml_collections.ConfigDict(dict(
+      dims=(8, 16, 16, 16), depths=(1, 1, 1, 1), channels=16, aux_channels=8))
+  compiled, state = aot.compile_train_step(c, aot.topology_devices("v5e", (2, 2)), 2)
+  assert set(kernel_batches(compiled, "selective_scan_fwd")) == {2}
+  assert "stats" in state and jax.tree.leaves(state["stats"])
+  assert 0 < aot.memory(compiled)["hbm"] < 2**30
+
 def collectives(compiled):
   """Counts of the gathering collectives in the optimized program (async forms included)."""
   text = compiled.as_text()

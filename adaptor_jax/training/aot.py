@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from adaptor_jax.training import config as config_lib, optimizer, sharding, steps
+from adaptor_jax.training import config as config_lib, optimizer, sharding, steps, tasks
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,10 +86,11 @@ def topology_devices(chip, shape):
 
 
 def abstract_batch(config, global_batch, mesh):
-  """The train step's batch as ShapeDtypeStructs split over the mesh's batch axes."""
-  size, sh = config.data.image_size, sharding.batch_sharding(mesh)
-  return dict(image=jax.ShapeDtypeStruct((global_batch, size, size, 3), jnp.uint8, sharding=sh),
-              label=jax.ShapeDtypeStruct((global_batch,), jnp.int32, sharding=sh))
+  """The train step's batch (config.task's) as ShapeDtypeStructs split over the mesh's batch
+  axes."""
+  sh = sharding.batch_sharding(mesh)
+  spec = tasks.get(config.task).train_batch_spec(global_batch, config.data.image_size)
+  return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=sh) for k, (shape, dtype) in spec.items()}
 
 
 def compile_train_step(config, devices, per_chip_batch, steps_per_epoch=1000):

@@ -17,6 +17,12 @@ EVAL_KEYS = ("image", "label", "mask")
 BEST = "top1"  # the metric that picks the best checkpoint (higher is better)
 
 
+def train_batch_spec(batch_size, image_size):
+  """{key: (shape, dtype)} of a train batch."""
+  return dict(image=((batch_size, image_size, image_size, 3), jnp.uint8),
+              label=((batch_size,), jnp.int32))
+
+
 def num_classes(data):
   return pipeline.num_classes(data)
 

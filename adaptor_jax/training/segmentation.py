@@ -26,6 +26,12 @@ BEST = "miou"
 AUX_WEIGHT = 0.4
 
 
+def train_batch_spec(batch_size, image_size):
+  """{key: (shape, dtype)} of a train batch."""
+  return dict(image=((batch_size, image_size, image_size, 3), jnp.uint8),
+              label=((batch_size, image_size, image_size), jnp.uint8))
+
+
 def num_classes(data):
   return len(class_names(data))
 

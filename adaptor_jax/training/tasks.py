@@ -3,6 +3,7 @@
   NAME, EVAL_KEYS, BEST              its name, the eval batch's keys, the metric that picks the
                                      best checkpoint (higher is better)
   num_classes(data), class_names(data)
+  train_batch_spec(batch_size, image_size) -> {key: (shape, dtype)}   (ahead-of-time compiles)
   train_iterator(data, batch_size=, seed=), eval_iterator(data, batch_size=, split=)
   train_inputs(key, batch, data, num_classes) -> (inputs, targets)     on device, in the step
   loss(outputs, targets) -> scalar                                      of model(inputs)
