@@ -100,6 +100,29 @@ def test_booster_from_a_converted_vmamba_equals_it_at_step_0(where, tmp_path, re
   assert report["loaded"] == len(tc.flat(state["params"])) - len(kept)
 
 
+def test_upernet_from_a_converted_vmamba_has_its_backbone(tmp_path):
+  """UperNet starts from a VMamba classifier: the backbone's params are the classifier's (the
+  same stage features), the classifier's head is dropped, the heads keep their init."""
+  four = dict(dims=(8, 16, 16, 16), depths=(1, 1, 1, 1))
+  converted, vmamba = tc.converted_vmamba(tmp_path, "converted", num_classes=10, **four)
+  config = _config(init_from=str(converted), model="upernet_vmamba_tiny", task="segmentation",
+                   num_classes=5, model_overrides=ml_collections.ConfigDict(
+                       dict(four, channels=16, aux_channels=8)))
+  net, state = _started(config, tmp_path)
+  x = jax.random.normal(jax.random.key(1), (2, 64, 64, 3))
+  model = net.model(state["params"], train=False, stats=state["stats"])
+  ref = registry.create_model("vmamba_tiny", num_classes=10, rngs=nnx.Rngs(0), **four)
+  nnx.update(ref, nnx.state(vmamba, nnx.Param))  # the converted params in a concrete model
+  ref.eval()
+  for got, want in zip(model.backbone(x, return_features=True), ref(x, return_features=True)):
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+  with open(tmp_path / "init_from.json") as f:
+    report = json.load(f)
+  assert report["dropped"] == ["head/bias", "head/kernel", "head_norm/bias", "head_norm/scale"]
+  kept = report["kept_at_init"]
+  assert {p.split("/")[0] for p in kept} == {"outnorms", "decode_head", "auxiliary_head"}
+  assert report["loaded"] == len(tc.flat(state["params"])) - len(kept)
+
 def test_mismatched_checkpoint_stops_with_one_line_naming_the_params(tmp_path):
   converted, _ = tc.converted_vmamba(tmp_path, "wider", num_classes=10, dims=(24,), depths=(1,))
   with pytest.raises(init_from.InitFromError) as e:

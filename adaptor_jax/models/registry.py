@@ -73,6 +73,13 @@ def task_of(name):
   return "segmentation" if name in UPERNET_PRESETS else "classification"
 
 
+def from_classifier(name):
+  """How a dense preset starts from a classifier of its backbone: (the prefix of its backbone's
+  params, the classifier's parts it leaves out, its own parts that start at init); None for a
+  classifier."""
+  return upernet.FROM_CLASSIFIER if name in UPERNET_PRESETS else None
+
+
 def is_vmamba(name):
   """Whether preset `name` is of the VMamba family or has a VMamba backbone (forms, adaptors)."""
   return name in VMAMBA_PRESETS or name in UPERNET_PRESETS

@@ -27,6 +27,10 @@ from adaptor_jax.models import common
 from adaptor_jax.models.vmamba import VSSM
 
 POOL_SCALES = (1, 2, 3, 6)
+# Starting from an ImageNet classifier of the backbone (training/init_from.py): its params go
+# under "backbone", its classifier (head_norm, head) has no place here, and these parts start
+# at their init.
+FROM_CLASSIFIER = ("backbone", ("head_norm", "head"), ("outnorms", "decode_head", "auxiliary_head"))
 KAIMING_FAN_OUT = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")  # mmcv's ConvModule
 
 

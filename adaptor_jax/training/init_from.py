@@ -6,6 +6,10 @@ a converter's output) is matched to the model param by param, by path:
   kept at init  only what the model initialises by design: the adaptors (Adaptor-T/S) of the
                 booster and adaptor forms when the checkpoint has none, and the head when the
                 checkpoint's has another shape (another number of classes).
+A dense model (UperNet) may also start from a classifier of its backbone (an ImageNet run, a
+converted VMamba): the classifier's params are matched under the model's backbone prefix, its
+classifier head is left out (listed as dropped) and the model's own heads keep their init
+(registry.from_classifier).
 Anything else stops the run before any training, in one line naming the params: one the
 checkpoint lacks, one of another shape, or one of the checkpoint the model has no place for
 (its values would be lost). Only the params to load are read (orbax partial restore).
@@ -46,8 +50,10 @@ def _flat(tree):
 
 
 def model_form(config):
-  """The form of config's model: config.form, else the preset's ("none" for Vim)."""
-  return config.form or registry.VMAMBA_PRESETS.get(config.model, {}).get("form", "none")
+  """The form of config's model (of its backbone for UperNet): config.form, else the preset's
+  ("none" for Vim)."""
+  backbone = registry.UPERNET_PRESETS.get(config.model, config.model)
+  return config.form or registry.VMAMBA_PRESETS.get(backbone, {}).get("form", "none")
 
 
 def saved_shapes(directory):
@@ -61,9 +67,10 @@ def saved_shapes(directory):
   return {path: tuple(leaf.shape) for path, leaf in flat.items()}, converted
 
 
-def plan(saved, wanted, form):
+def plan(saved, wanted, form, new_parts=()):
   """(paths to load, paths kept at init) of the model's params `wanted` ({path: shape}) from
-  a checkpoint's `saved` ({path: shape}). Raises ValueError naming what does not fit."""
+  a checkpoint's `saved` ({path: shape}); params under `new_parts` (first path parts) start at
+  init. Raises ValueError naming what does not fit."""
   new_adaptors = form in FORMS_WITH_NEW_ADAPTORS
   load, init, absent, shaped = [], [], [], []
   for path, shape in wanted.items():
@@ -72,7 +79,7 @@ def plan(saved, wanted, form):
       load.append(path)
     elif path in saved:
       (init if parts[0] == HEAD else shaped).append(path)
-    elif new_adaptors and any(a in parts for a in ADAPTORS):
+    elif parts[0] in new_parts or (new_adaptors and any(a in parts for a in ADAPTORS)):
       init.append(path)
     else:
       absent.append(path)
@@ -91,6 +98,16 @@ def plan(saved, wanted, form):
   if problems:
     raise ValueError("; ".join(problems))
   return load, init
+
+
+def _from_classifier(model, saved):
+  """(backbone prefix, the checkpoint's params left out, the model's parts new at init) when
+  `model` is dense and the checkpoint (`saved` paths) a classifier; else (None, [], ())."""
+  mapping = registry.from_classifier(model)
+  if mapping is None or any(p.split("/")[0] == mapping[0] for p in saved):
+    return None, [], ()
+  prefix, classifier, new_parts = mapping
+  return prefix, sorted(p for p in saved if p.split("/")[0] in classifier), new_parts
 
 
 def _some(items, n=4):
@@ -134,12 +151,21 @@ def apply(state, shardings, config, workdir):
     raise InitFromError(f"config.init_from: {e}") from None
   saved, converted = saved_shapes(directory)
   wanted = {path: tuple(a.shape) for path, a in _flat(state["params"]).items()}
+  prefix, dropped, new_parts = _from_classifier(config.model, saved)
+  if prefix:
+    saved = {f"{prefix}/{p}": s for p, s in saved.items() if p not in dropped}
   try:
-    load, init = plan(saved, wanted, model_form(config))
+    load, init = plan(saved, wanted, model_form(config), new_parts)
   except ValueError as e:
     raise InitFromError(f"config.init_from={config.init_from}: {config.model} "
                      f"(form {model_form(config)}) cannot start from {directory}: {e}") from None
-  values = restore(directory, load, state["params"], shardings["params"], converted)
+  if prefix:  # read under the checkpoint's own names, then placed under the prefix
+    n = len(prefix) + 1
+    values = {f"{prefix}/{p}": a for p, a in restore(
+        directory, [p[n:] for p in load], state["params"][prefix], shardings["params"][prefix],
+        converted).items()}
+  else:
+    values = restore(directory, load, state["params"], shardings["params"], converted)
   params = jax.tree_util.tree_map_with_path(
       lambda path, old: values[k].astype(old.dtype) if (k := "/".join(map(_key, path))) in values
       else old, state["params"])
@@ -149,5 +175,5 @@ def apply(state, shardings, config, workdir):
   if jax.process_index() == 0:
     paths.write_text(workdir / "init_from.json", json.dumps(dict(
         init_from=config.init_from, directory=str(directory), loaded=len(load),
-        kept_at_init=init), indent=1))
+        kept_at_init=init, dropped=dropped), indent=1))
   return dict(state, params=params, ema=ema)
