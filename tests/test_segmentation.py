@@ -6,13 +6,16 @@ import json
 import os
 import sys
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import dataset_archives
 import train_cases as tc
 from test_segtransforms import np_bilinear
-from adaptor_jax.data import segmentation as data_seg
+from adaptor_jax.data import (ade20k, config as data_config, pipeline, segmentation as data_seg,
+                              segtransforms)
 from adaptor_jax.data.segtransforms import IGNORE
 from adaptor_jax.training import segmentation as seg
 
@@ -43,40 +46,65 @@ def test_loss_is_mmsegs_cross_entropy():
   assert abs(got - want) <= 1e-5 * abs(want)
 
 
-def _eval_batch(rng, classes, shapes, canvas):
-  """An eval batch as data/segmentation.EvalRecord lays it out: images rescaled to `shapes`'
-  resized sizes and padded to `canvas`; labels at their original sizes; the last image padding."""
+def _eval_batch(rng, classes, shapes, canvas, flips=(False,)):
+  """An eval batch as data/segmentation.EvalRecord lays it out: per view (a flip of `flips`)
+  the rows and cols of images rescaled to `shapes`' resized sizes and padded to `canvas`; labels
+  at their original sizes; the last image padding."""
   hc, wc = canvas
   lh, lw = max(s[0][0] for s in shapes), max(s[0][1] for s in shapes)
-  batch = dict(label=np.full((len(shapes), lh, lw), IGNORE, np.uint8),
-               rows=np.zeros((len(shapes), lh, hc // 4), np.float32),
-               cols=np.zeros((len(shapes), lw, wc // 4), np.float32),
+  views = [dict(image=np.zeros((len(shapes), hc, wc, 3), np.uint8),
+                rows=np.zeros((len(shapes), lh, hc // 4), np.float32),
+                cols=np.zeros((len(shapes), lw, wc // 4), np.float32)) for _ in flips]
+  batch = dict(views=views, label=np.full((len(shapes), lh, lw), IGNORE, np.uint8),
                mask=np.array([True] * (len(shapes) - 1) + [False]))
   for b, ((h0, w0), (h, w)) in enumerate(shapes):
     label = rng.integers(0, classes, (h0, w0)).astype(np.uint8)
     label[: h0 // 3, : w0 // 3] = IGNORE
     batch["label"][b, :h0, :w0] = label
-    batch["rows"][b, :h0] = data_seg.logit_resize(h0, h, hc)
-    batch["cols"][b, :w0] = data_seg.logit_resize(w0, w, wc)
+    for view, flip in zip(views, flips):
+      view["rows"][b, :h0] = data_seg.logit_resize(h0, h, hc)
+      view["cols"][b, :w0] = data_seg.logit_resize(w0, w, wc, flip)
   return batch
 
 
-def test_counts_are_the_confusion_matrix_of_logits_resized_as_mmseg_does():
-  """The logits of a padded canvas: the valid part resized to the rescaled image, then to the
-  original labels (two bilinear resizes); ignored pixels and the padding image count nowhere."""
+def _fake_model(outputs):
+  """A model whose calls return `outputs` in turn."""
+  it = iter(outputs)
+  return lambda x: jnp.asarray(next(it))
+
+
+def _confusion(classes, labels, preds):
+  confusion = np.zeros((classes, classes), np.int64)
+  for label, pred in zip(labels, preds):
+    keep = label != IGNORE
+    confusion += np.bincount(label[keep].astype(np.int64) * classes + pred[keep],
+                             minlength=classes ** 2).reshape(classes, classes)
+  return confusion
+
+
+@pytest.mark.parametrize("flips", [(False,), (False, True)])
+def test_counts_are_the_confusion_matrix_of_logits_resized_as_mmseg_does(flips):
+  """The logits of a padded canvas: the valid part resized to the rescaled image, flipped back
+  for a flipped view, then to the original labels (two bilinear resizes); with several views
+  the argmax of their mean softmax (mmseg's SegTTAModel). Ignored pixels and the padding image
+  count nowhere."""
   rng, classes, canvas = np.random.default_rng(1), 5, (32, 40)
   shapes = [((23, 37), (20, 32)), ((30, 17), (32, 18)), ((11, 13), (16, 20))]
-  batch = _eval_batch(rng, classes, shapes, canvas)
-  logits = rng.normal(size=(3, 8, 10, classes)).astype(np.float32)
-  got = seg.eval_counts(jnp.asarray(logits), {k: jnp.asarray(v) for k, v in batch.items()})
-  confusion = np.zeros((classes, classes), np.int64)
+  batch = _eval_batch(rng, classes, shapes, canvas, flips)
+  logits = [rng.normal(size=(3, 8, 10, classes)).astype(np.float32) for _ in flips]
+  got = seg.eval_counts(_fake_model(logits), jax.tree.map(jnp.asarray, batch),
+                        data_config.default_data_config())
+  labels, preds = [], []
   for b, ((h0, w0), (h, w)) in enumerate(shapes[:-1]):
-    valid = logits[b, : -(-h // 4), : -(-w // 4)]
-    pred = np_bilinear(np_bilinear(valid, h, w), h0, w0).argmax(-1)
-    label = batch["label"][b, :h0, :w0].astype(np.int64)
-    keep = label != IGNORE
-    confusion += np.bincount(label[keep] * classes + pred[keep],
-                             minlength=classes ** 2).reshape(classes, classes)
+    scores = 0
+    for view_logits, flip in zip(logits, flips):
+      full = np_bilinear(view_logits[b, : -(-h // 4), : -(-w // 4)], h, w)
+      full = np_bilinear(full[:, ::-1] if flip else full, h0, w0)
+      e = np.exp(full - full.max(-1, keepdims=True))
+      scores = scores + (full if len(flips) == 1 else e / e.sum(-1, keepdims=True))
+    labels.append(batch["label"][b, :h0, :w0])
+    preds.append(scores.argmax(-1))
+  confusion = _confusion(classes, labels, preds)
   np.testing.assert_array_equal(got["intersect"], np.diag(confusion))
   np.testing.assert_array_equal(got["label"], confusion.sum(1))
   np.testing.assert_array_equal(got["pred"], confusion.sum(0))
@@ -126,4 +154,99 @@ def test_the_demo_recipe_trains_and_eval_reproduces_its_evaluation(seg_run):
   assert code == 0, tc.tail(str(d / "eval.err"))
   result = json.loads(printed.strip().splitlines()[-1])
   assert result["miou"] == pytest.approx(final["eval/miou"], abs=1e-6)
-  assert {"miou", "macc", "aacc"} <= set(result)
+  assert {"miou", "macc", "aacc"} <= set(result) and "iou" not in result
+  assert result["per_class"] == os.path.join(workdir, "eval", "step_30_validation.json")
+  with open(result["per_class"]) as f:
+    per_class = json.load(f)
+  assert len(per_class["classes"]) == len(per_class["iou"]) == len(per_class["acc"]) == 11
+  assert per_class["iou"] == final["eval/iou"]
+
+
+def test_eval_multiscale_is_the_mean_of_twelve_views(seg_run):
+  """eval.py --multiscale: mmseg's tta_pipeline (6 ratios of the original size, each flipped);
+  its own per-class file."""
+  workdir, _, d = seg_run
+  code, printed = tc.run([sys.executable, os.path.join(tc.REPO, "eval.py"),
+                          f"--workdir={workdir}", "--multiscale"], str(d / "eval_ms"),
+                         env=tc.env())
+  assert code == 0, tc.tail(str(d / "eval_ms.err"))
+  result = json.loads(printed.strip().splitlines()[-1])
+  assert 0 <= result["miou"] <= 1 and result["n"] == 300
+  assert result["per_class"].endswith("step_30_validation_multiscale.json")
+
+
+_SIZES = [(33, 47, "rgb"), (26, 35, "gray"), (50, 30, "rgb"), (40, 44, "ignored"), (20, 70, "rgb")]
+
+
+@pytest.fixture(scope="module")
+def ade_cfg(tmp_path_factory):
+  """A tiny ADEChallengeData2016.zip of images of five sizes in its validation split, built."""
+  d = tmp_path_factory.mktemp("ade")
+  made = dataset_archives.write_ade20k(d / "ADEChallengeData2016.zip", np.random.default_rng(3),
+                                       sizes={"train": _SIZES[:1], "validation": _SIZES})
+  ade20k.build(d / "ADEChallengeData2016.zip", d / "tfds")
+  cfg = data_config.default_data_config()
+  cfg.update(dict(name="ade20k", data_dir=str(d / "tfds"), seg_scale=(64, 32), eval_bucket=16,
+                  num_workers=0))
+  by_name = {f"{stem}.jpg": (image, labels) for stem, image, labels in made["validation"]}
+  source = pipeline.open_source(cfg, "validation")
+  originals = [by_name[source[i]["file_name"].decode()] for i in range(len(source))]
+  return cfg, originals
+
+
+def _eval_batches(cfg, process_index, process_count, batch_size=2):
+  return list(pipeline.eval_iterator(cfg, batch_size=batch_size, process_index=process_index,
+                                     process_count=process_count, with_index=True,
+                                     record=data_seg.EvalRecord))
+
+
+@pytest.mark.parametrize("ratios,flip", [((), False), ((0.5, 1.25), True)])
+def test_eval_groups_images_of_many_sizes_by_canvas(ade_cfg, ratios, flip):
+  """Every record once over two processes, which yield the same sequence of batch shapes; in a
+  batch one canvas per view. Per record and view: the image resized (mmseg's Resize: to fit
+  seg_scale, or each ratio of the original size) and flipped, zero padding; the labels as
+  stored (reduce_zero_label), padded with the ignore label; rows and cols the logits' resize."""
+  cfg, originals = ade_cfg
+  cfg = cfg.copy_and_resolve_references()
+  cfg.update(dict(eval_ratios=ratios, eval_flip=flip))
+  runs = [_eval_batches(cfg, k, 2) for k in range(2)]
+  shapes = [[jax.tree.map(np.shape, b) for b in run] for run in runs]
+  assert shapes[0] == shapes[1]
+  seen = sorted(int(i) for run in runs for b in run for i, m in zip(b["index"], b["mask"]) if m)
+  assert seen == list(range(len(originals)))
+  canvases = {tuple(v["image"].shape[1:3] for v in b["views"]) for b in runs[0]}
+  assert len(canvases) >= 3  # the five sizes fall in several canvases
+  for b in (b for run in runs for b in run):
+    for row, index in enumerate(b["index"]):
+      if index < 0:
+        assert not b["mask"][row]
+        continue
+      image, labels = originals[index]
+      want = segtransforms.labels(labels, True)
+      lh, lw = want.shape
+      np.testing.assert_array_equal(b["label"][row, :lh, :lw], want)
+      assert (b["label"][row, lh:] == IGNORE).all() and (b["label"][row, :, lw:] == IGNORE).all()
+      sizes = ([segtransforms.rescale_size(lh, lw, cfg.seg_scale)] if not ratios else
+               [segtransforms.rescale_size(lh, lw, (int(lw * r + 0.5), int(lh * r + 0.5)))
+                for r in ratios])
+      views = [(h, w, f) for h, w in sizes for f in ((False, True) if flip else (False,))]
+      assert len(b["views"]) == len(views)
+      for view, (h, w, f) in zip(b["views"], views):
+        resized = segtransforms.resize_bilinear(image, h, w)
+        got = view["image"][row]
+        np.testing.assert_array_equal(got[:h, :w], resized[:, ::-1] if f else resized)
+        assert not got[h:].any() and not got[:, w:].any()
+        np.testing.assert_array_equal(view["rows"][row, :lh],
+                                      data_seg.logit_resize(lh, h, got.shape[0]))
+        np.testing.assert_array_equal(view["cols"][row, :lw],
+                                      data_seg.logit_resize(lw, w, got.shape[1], f))
+
+
+def test_eval_bucket_1_is_whole_image_inference(ade_cfg):
+  """eval_bucket=1 pads nothing: each view is the resized image itself."""
+  cfg, originals = ade_cfg
+  cfg = cfg.copy_and_resolve_references()
+  cfg.eval_bucket = 1
+  for b in _eval_batches(cfg, 0, 1, batch_size=1):
+    lh, lw = originals[int(b["index"][0])][1].shape
+    assert b["views"][0]["image"].shape[1:3] == segtransforms.rescale_size(lh, lw, cfg.seg_scale)

@@ -178,10 +178,27 @@ def _load_config_file(name, arg=None):
 
 @pytest.mark.parametrize("name,arg", [
     ("demo.py", None), ("b1.py", None), ("b2.py", None), ("vmamba_tiny.py", None),
-    ("vmamba_tiny.py", "booster"), ("vmamba_small.py", None), ("vmamba_base.py", "booster")])
+    ("vmamba_tiny.py", "booster"), ("vmamba_small.py", None), ("vmamba_base.py", "booster"),
+    ("seg_demo.py", None), ("upernet_ade20k.py", None), ("upernet_ade20k.py", "b1"),
+    ("upernet_ade20k.py", "vmamba_base")])
 def test_config_files_validate(name, arg):
   config = _load_config_file(name, arg)
   assert config_lib.validate(config) is config
+
+
+def test_upernet_ade20k_schedule_is_in_iterations():
+  """VMamba's mmseg recipe: 1,500 iterations of linear warm-up from 1e-6 x 6e-5, poly (power 1)
+  to 0 at 160k, whatever the training split's size (steps_per_epoch=1000)."""
+  config = _load_config_file("upernet_ade20k.py", "vmamba_tiny")
+  assert config.model == "upernet_vmamba_tiny" and config.batch_size == 16
+  lr = optimizer.schedule(config, config.steps_per_epoch)
+  assert round(config.epochs * config.steps_per_epoch) == 160_000
+  assert float(lr(0)) == pytest.approx(6e-11, abs=1e-11)  # float32: an ulp of 6e-5 is 7e-12
+  assert float(lr(1500)) == pytest.approx(6e-5)
+  assert float(lr(1500 + (160_000 - 1500) // 2)) == pytest.approx(3e-5, rel=1e-4)
+  assert float(lr(160_000)) == 0.0
+  with pytest.raises(ValueError, match="the variants are b1, b2"):
+    _load_config_file("upernet_ade20k.py", "b3")
 
 
 def _set(path, value):
@@ -204,6 +221,8 @@ def _set(path, value):
     (_set("share_adaptor", True), "share_adaptor"),  # only with form="adaptor"
     (_set("dtype", "float16"), "dtype"),
     (_set("batch_size", 0), "batch_size"),
+    (_set("steps_per_epoch", 0), "steps_per_epoch"),
+    (_set("data.eval_ratios", (1.0, 0.0)), "data.eval_ratios"),
     (_set("grad_accum", 3), "grad_accum"),  # does not divide 1024
     (_set("lr", 0.0), "lr"),
     (_set("warmup_epochs", 300.0), "warmup_epochs"),

@@ -46,5 +46,10 @@ def default_data_config():
       cat_max_ratio=0.75,           # train crop: redrawn while one class covers this much
       photometric=True,             # train: mmseg's PhotoMetricDistortion
       reduce_zero_label=True,       # label 0 ("other") ignored, 1..N -> 0..N-1
-      eval_bucket=64,               # eval: images and label maps padded to multiples of this
+      eval_bucket=32,               # eval: images padded to multiples of this (the backbone's
+                                    # stride), label maps too; a batch shares one canvas
+      eval_ratios=(),               # eval: () one view, rescaled to fit seg_scale (mmseg's
+                                    # single-scale test); else a view per ratio of the original
+                                    # size (its tta_pipeline: 0.5, 0.75, ..., 1.75), softmax mean
+      eval_flip=False,              # eval: each view also flipped (averaged in)
   ))

@@ -196,7 +196,7 @@ def _derived_seed(seed, stream):
   return int(np.random.SeedSequence([int(seed) % 2**64, stream]).generate_state(1)[0])
 
 
-def _read(source, record_index):
+def read_record(source, record_index):
   """(record, OK) or (None, _UNREADABLE) when the source cannot read it."""
   try:
     return source[record_index], OK
@@ -214,7 +214,7 @@ def _decoded(record):
 
 def read_and_decode(source, record_index):
   """(record or None, image or None, fail code) of one record."""
-  record, fail = _read(source, record_index)
+  record, fail = read_record(source, record_index)
   if fail:
     return None, None, fail
   image, fail = _decoded(record)
@@ -242,14 +242,24 @@ class _TrainRecord:
                 fail=np.int8(fail), real=np.bool_(True))
 
 
-class _EvalRecord:
-  """Position j of process k's padded shard -> example (record k + j * K, or padding)."""
+def padded_share(size, process_count, batch_size):
+  """A process's share of `size` records (k, k + K, ...), padded to a multiple of batch_size."""
+  return math.ceil(math.ceil(size / process_count) / batch_size) * batch_size
 
-  def __init__(self, source, cfg, process_index, process_count):
+
+class _EvalRecord:
+  """Position j of process k's padded shard -> example (record k + j * K, or padding); its
+  len() is the shard's positions."""
+
+  def __init__(self, source, cfg, process_index, process_count, batch_size):
     self._source, self._cfg = source, cfg
     self._process_index, self._process_count = process_index, process_count
     self._size = len(source)
     self._blank = np.zeros((cfg.image_size, cfg.image_size, 3), np.uint8)
+    self._positions = padded_share(self._size, process_count, batch_size)
+
+  def __len__(self):
+    return self._positions
 
   def __call__(self, position):
     record_index = self._process_index + position * self._process_count
@@ -481,12 +491,13 @@ def train_iterator(cfg, *, batch_size, seed, process_index=None, process_count=N
   return _Iterator(iter(ds), failures)
 
 
-def num_eval_batches(cfg, *, batch_size, split=None, process_count=None):
+def num_eval_batches(cfg, *, batch_size, split=None, process_count=None, record=None):
   """Batches every process's `eval_iterator` yields."""
   _, process_count = _process(0, process_count)
   split = cfg.eval_split if split is None else split
-  per_process = -(-num_examples(cfg, split) // process_count)
-  return -(-per_process // _check_batch_size(batch_size))
+  batch_size = _check_batch_size(batch_size)
+  make = (record or _EvalRecord)(open_source(cfg, split), cfg, 0, process_count, batch_size)
+  return len(make) // batch_size
 
 
 def eval_iterator(cfg, *, batch_size, split=None, process_index=None, process_count=None,
@@ -498,18 +509,18 @@ def eval_iterator(cfg, *, batch_size, split=None, process_index=None, process_co
   the same number of batches (num_eval_batches), the last ones padded (mask False), so each
   record is seen exactly once over all processes. A record that cannot be read or does not
   decode is masked out and counted (`failures()`); BadDataError past the threshold.
-  record: as train_iterator's, record(source, cfg, process_index, process_count)(position).
+  record: as train_iterator's, record(source, cfg, process_index, process_count,
+  batch_size)(position); its len(), the positions, a multiple of batch_size, the same on every
+  process.
   """
   batch_size = _check_batch_size(batch_size)
   process_index, process_count = _process(process_index, process_count)
   split = cfg.eval_split if split is None else split
   source = open_source(cfg, split)
-  per_process = -(-len(source) // process_count)
-  padded = math.ceil(per_process / batch_size) * batch_size
-  ds = grain.MapDataset.range(padded).map(
-      (record or _EvalRecord)(source, cfg, process_index, process_count))
+  make = (record or _EvalRecord)(source, cfg, process_index, process_count, batch_size)
+  ds = grain.MapDataset.range(len(make)).map(make)
   # No more workers than batches: each would start (seconds) for nothing.
-  ds = _to_iter(ds.batch(batch_size), cfg, max_workers=padded // batch_size)
+  ds = _to_iter(ds.batch(batch_size), cfg, max_workers=len(make) // batch_size)
   failures = _Failures(cfg, split, source)
   ds = ds.map(_DropCorrupt(failures, with_index, keep_rows=True))
   return _Iterator(iter(ds), failures)

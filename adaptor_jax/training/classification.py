@@ -49,13 +49,9 @@ def loss(outputs, targets):
   return optax.softmax_cross_entropy(outputs.astype(jnp.float32), targets).mean()
 
 
-def eval_inputs(batch, data):
-  return augment.eval_batch(batch["image"], data)
-
-
-def eval_counts(outputs, batch):
+def eval_counts(model, batch, data):
   """{"top1", "top5", "n"} of a batch; padded examples (mask False) count in none."""
-  logits = outputs.astype(jnp.float32)
+  logits = model(augment.eval_batch(batch["image"], data)).astype(jnp.float32)
   labels, mask = batch["label"], batch["mask"]
   topk = jax.lax.top_k(logits, min(5, logits.shape[-1]))[1]
   hit = topk == labels[:, None]

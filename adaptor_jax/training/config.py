@@ -42,6 +42,9 @@ def default_config():
   c.num_classes = -1              # -1: the dataset's number of classes
   # The schedule, in epochs of the training split.
   c.batch_size = 1024             # global, over all devices and hosts
+  c.steps_per_epoch = -1          # -1: the training split's size // batch_size; N > 0: the
+                                  # schedule's epochs (and warm-up, eval_every) are N steps each,
+                                  # whatever the data (iteration recipes: mmseg's 160k = 160 x 1000)
   c.grad_accum = 1                # micro-batches per step (batch_size divisible by it)
   c.epochs = 300.0
   c.warmup_epochs = 20.0
@@ -128,6 +131,8 @@ def validate(config):
     _fail("remat", f"{c.remat!r} is not one of {sorted(common.REMAT)}")
   if c.dtype not in DTYPES:
     _fail("dtype", f"{c.dtype!r} is not one of {DTYPES}")
+  if c.steps_per_epoch == 0 or c.steps_per_epoch < -1:
+    _fail("steps_per_epoch", f"must be -1 (from the data) or >= 1, got {c.steps_per_epoch}")
   for key in ("batch_size", "grad_accum", "lr_base_batch", "log_every", "eval_batch_size",
               "checkpoint_every", "keep"):
     if c[key] < 1:
@@ -205,5 +210,9 @@ def _validate_data(d):
       transforms.parse_rand_augment(d.randaugment)
     except ValueError as e:
       _fail("data.randaugment", str(e))
+  if d.eval_bucket < 1:
+    _fail("data.eval_bucket", f"must be >= 1, got {d.eval_bucket}")
+  if any(r <= 0 for r in d.eval_ratios):
+    _fail("data.eval_ratios", f"ratios of the original size must be > 0, got {d.eval_ratios}")
   if len(d.mean) != 3 or len(d.std) != 3 or min(d.std) <= 0:
     _fail("data.mean", f"mean and std need 3 channels, std > 0; got {d.mean}, {d.std}")

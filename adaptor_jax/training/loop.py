@@ -161,7 +161,8 @@ def train_and_evaluate(config, workdir):
   task = tasks.get(config.task)
   mesh = sharding.make_mesh(config.mesh)
   n_train = pipeline.num_examples(config.data, config.data.train_split)
-  steps_per_epoch = n_train // config.batch_size
+  steps_per_epoch = (n_train // config.batch_size if config.steps_per_epoch < 0
+                     else config.steps_per_epoch)
   if steps_per_epoch == 0:
     raise ValueError(f"config.batch_size {config.batch_size} exceeds the {n_train} training "
                      "examples")
@@ -263,14 +264,22 @@ def train_and_evaluate(config, workdir):
   return result
 
 
-def evaluate_checkpoint(path, config=None, split=None):
+def evaluate_checkpoint(path, config=None, split=None, data=None):
   """evaluate() of the newest checkpoint in a workdir (or of a step directory), EMA and raw,
-  sharded like training; `config` defaults to the checkpoint's own."""
+  sharded like training; `config` defaults to the checkpoint's own, `data` overrides its data
+  keys (eval.py --multiscale). With per-class metrics, "classes" names them."""
   found = loader.find(path, what="--workdir")
   if found.kind == "converted":
     raise loader.NotACheckpoint(f"{found.path} is a converted checkpoint, not a run: evaluate "
                                 "it with load_model, or train from it with config.init_from")
-  config = setup(loader.read_config(found) if config is None else config)
+  config = loader.read_config(found) if config is None else config
+  if data:
+    if config.task != "segmentation":
+      raise config_lib.ConfigError(f"{path}: a {config.task} run; multi-scale evaluation is "
+                                   "segmentation's")
+    config = config.copy_and_resolve_references()
+    config.data.update(data)
+  config = setup(config)
   mesh = sharding.make_mesh(config.mesh)
   net, abstract_params, _ = steps.make_net(config, config.num_classes)
   shardings = steps.param_shardings(abstract_params, mesh)
@@ -289,5 +298,8 @@ def evaluate_checkpoint(path, config=None, split=None):
   stats = loader.load_stats(found, steps.initial_stats(config, config.num_classes),
                             sharding.replicated(mesh))
   eval_step = steps.make_eval_step(net, config, shardings, mesh)
-  return evaluate(eval_step, {name: dict(params=tree, stats=stats)
-                              for name, tree in params.items()}, config, mesh, split)
+  result = evaluate(eval_step, {name: dict(params=tree, stats=stats)
+                                for name, tree in params.items()}, config, mesh, split)
+  if any(isinstance(v, list) for v in result.values()):
+    result["classes"] = tasks.get(config.task).class_names(config.data)
+  return result

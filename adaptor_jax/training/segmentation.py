@@ -2,15 +2,16 @@
 mmsegmentation trains and evaluates UperNet on ADE20K.
 
   batch     train {"image": uint8 (B, S, S, 3), "label": uint8 (B, S, S)}, 255 ignored; eval
-            adds "rows" / "cols" (the resize of the logits to each original label map, as
-            matrices) and "mask" (padding), its labels at their original size
+            {"views": per view its "image", "rows" / "cols" (the resize of the logits to each
+            original label map, as matrices), "label" at the original size, "mask" (padding)}
             (data/segmentation.py)
   train     on device: normalisation; loss: pixel cross-entropy of the logits resized
             (bilinear) to the labels, the ignored pixels counting 0 in a mean over all (mmseg's
             CrossEntropyLoss, avg_non_ignore=False), plus 0.4 x the auxiliary head's
-  eval      per class, the pixels of prediction and label, of their intersection; summed over
-            the split (mmseg's IoUMetric): mIoU (mean over classes present in prediction or
-            label), mAcc, aAcc; miou picks the best checkpoint
+  eval      the argmax of the logits resized to the labels (several views: of their mean
+            softmax); per class, the pixels of prediction and label, of their intersection;
+            summed over the split (mmseg's IoUMetric): mIoU (mean over classes present in
+            prediction or label), mAcc, aAcc; miou picks the best checkpoint
 """
 import jax
 import jax.numpy as jnp
@@ -21,7 +22,7 @@ from adaptor_jax.data.segtransforms import IGNORE
 from adaptor_jax.models import common
 
 NAME = "segmentation"
-EVAL_KEYS = ("image", "label", "rows", "cols", "mask")
+EVAL_KEYS = ("views", "label", "mask")
 BEST = "miou"
 AUX_WEIGHT = 0.4
 
@@ -71,39 +72,49 @@ def loss(outputs, targets):
   return _pixel_loss(logits, targets) + AUX_WEIGHT * _pixel_loss(aux, targets)
 
 
-def eval_inputs(batch, data):
-  return augment.eval_batch(batch["image"], data)
+def eval_counts(model, batch, data):
+  """{"intersect", "pred", "label"}: pixels per class, and "n" images, of a batch; ignored and
+  padded pixels (and padded images) count in none. The prediction is the argmax of each view's
+  logits resized to the original labels, or with several views (multi-scale, flip) of the mean
+  of their softmax (mmseg's SegTTAModel)."""
+  views = batch["views"]
+  scores = None
+  for view in views:
+    logits = model(augment.eval_batch(view["image"], data)).astype(jnp.float32)
+    full = jnp.einsum("bih,bhwc,bjw->bijc", view["rows"], logits, view["cols"])
+    full = full if len(views) == 1 else jax.nn.softmax(full, axis=-1)
+    scores = full if scores is None else scores + full
+  return counts(scores, batch["label"], batch["mask"])
 
 
-def eval_counts(outputs, batch):
-  """{"intersect", "pred", "label"}: pixels per class, and "n" images; ignored and padded pixels
-  (and padded images) count in none."""
-  logits = outputs.astype(jnp.float32)
-  full = jnp.einsum("bih,bhwc,bjw->bijc", batch["rows"], logits, batch["cols"])
-  pred, label = jnp.argmax(full, -1), batch["label"].astype(jnp.int32)
-  valid = (label != IGNORE) & batch["mask"][:, None, None]
-  classes = logits.shape[-1]
+def counts(scores, labels, mask):
+  """Per-class pixel counts of the argmax of scores (B, H, W, classes) against labels."""
+  pred, label = jnp.argmax(scores, -1), labels.astype(jnp.int32)
+  valid = (label != IGNORE) & mask[:, None, None]
+  classes = scores.shape[-1]
 
   def per_class(values, where):
     return jnp.zeros((classes,), jnp.int32).at[jnp.where(where, values, 0)].add(
         where.astype(jnp.int32))
   return dict(intersect=per_class(label, valid & (pred == label)),
               pred=per_class(pred, valid), label=per_class(label, valid),
-              n=jnp.sum(batch["mask"]))
+              n=jnp.sum(mask))
 
 
 def metrics(counts):
-  """{"miou", "macc", "aacc", "iou": per class (NaN where absent), "n"} of the summed counts."""
+  """{"miou", "macc", "aacc", "iou" and "acc": per class (None where absent), "n"} of the summed
+  counts."""
   intersect, pred, label = (np.asarray(counts[k], np.float64)
                             for k in ("intersect", "pred", "label"))
   union = pred + label - intersect
   with np.errstate(invalid="ignore", divide="ignore"):
     iou, acc = intersect / union, intersect / label
   present = union > 0
+  per_class = lambda values: [None if np.isnan(v) else float(v) for v in values]
   return dict(miou=float(np.nanmean(iou)) if present.any() else 0.0,
               macc=float(np.nanmean(acc)) if (label > 0).any() else 0.0,
               aacc=float(intersect.sum() / max(label.sum(), 1)),
-              iou=[None if np.isnan(v) else float(v) for v in iou], n=int(counts["n"]))
+              iou=per_class(iou), acc=per_class(acc), n=int(counts["n"]))
 
 
 def line(result):

@@ -246,7 +246,7 @@ def make_eval_step(net, config, param_shardings, mesh):
 
   def eval_step(variables, batch):
     model = net.model(variables["params"], train=False, stats=variables["stats"])
-    return task.eval_counts(model(task.eval_inputs(batch, config.data)), batch)
+    return task.eval_counts(model, batch, config.data)
 
   repl = sharding.replicated(mesh)
   return jax.jit(sharding.on_mesh(eval_step, mesh),

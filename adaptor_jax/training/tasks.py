@@ -7,7 +7,8 @@
   train_iterator(data, batch_size=, seed=), eval_iterator(data, batch_size=, split=)
   train_inputs(key, batch, data, num_classes) -> (inputs, targets)     on device, in the step
   loss(outputs, targets) -> scalar                                      of model(inputs)
-  eval_inputs(batch, data) -> inputs; eval_counts(outputs, batch) -> {name: summed array}
+  eval_counts(model, batch, data) -> {name: summed array}             on device, the model's
+                                                                        calls its own
   metrics(counts summed over the split) -> {name: number}; line(result) -> str
 
 so that the loop, checkpoints, resume, sharding, EMA, remat and the paths stay one trainer.
