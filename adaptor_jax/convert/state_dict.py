@@ -4,10 +4,16 @@ output directory (an orbax checkpoint of the params plus `model.json` naming the
 
 A family's module (vmamba.py, ...) writes its `layout(model)`, from_state_dict / to_state_dict,
 and the names `cli` reads (PRESETS, FAMILY, HEAD_BIAS, MODEL_CLASS, check_export,
-needs_init); its command line
+needs_init; KEY, the default --key, when it is not "model"); its command line
 is `cli(module)`:
   python -m adaptor_jax.convert.FAMILY --checkpoint=FILE --model=PRESET --output=DIR [--key=model]
   python -m adaptor_jax.convert.FAMILY --export --input=DIR --checkpoint=OUT.pth|.npz
+
+An entry's path names an nnx.Param or an nnx.BatchStat (BatchNorm's running mean and variance);
+its path None marks an official key we have no place for and that holds nothing to keep
+(BatchNorm's num_batches_tracked, `COUNTER`): it must be there on import, with its shape, and
+is ignored; the export writes it as int64 0 (PyTorch's BatchNorm with a momentum, as every
+official model here has, never reads it).
 """
 import argparse
 import io
@@ -35,6 +41,12 @@ class CheckpointUnreadable(errors.UserError, OSError):
 same = (lambda w: w, lambda p: p)
 linear = (lambda w: w.reshape(w.shape[:2]).T, lambda k: k.T)       # (out, in[, 1, 1]) <-> (in, out)
 conv = (lambda w: w.transpose(2, 3, 1, 0), lambda k: k.transpose(3, 2, 0, 1))
+COUNTER = (lambda n: n, lambda _: np.zeros((), np.int64))  # num_batches_tracked
+
+
+def _variables(model):
+  """{path: nnx Variable} of the model's params and BatchNorm statistics."""
+  return dict(nnx.to_flat_state(nnx.state(model, nnx.Any(nnx.Param, nnx.BatchStat))))
 
 
 def _some(keys):
@@ -44,9 +56,9 @@ def _some(keys):
 def load(model, state_dict, entries, family, keep=lambda path: False):
   """Loads an official state dict (name -> array) into `model` in place, by `entries`.
 
-  Every official key must be present with its official shape and every param of the model must be
-  covered, except those `keep(path)` names, which keep their values. Raises ValueError naming the
-  missing, unexpected or first mis-shaped key.
+  Every official key must be present with its official shape and every param (and BatchNorm
+  statistic) of the model must be covered, except those `keep(path)` names, which keep their
+  values. Raises ValueError naming the missing, unexpected or first mis-shaped key.
   """
   expected = {key for key, _, _ in entries}
   unexpected = sorted(set(state_dict) - expected)
@@ -54,18 +66,20 @@ def load(model, state_dict, entries, family, keep=lambda path: False):
   if missing or unexpected:
     raise CheckpointMismatch(f"{family} checkpoint does not match the model: missing keys "
                      f"{_some(missing)}; unexpected keys {_some(unexpected)}")
-  params = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+  params = _variables(model)
   covered = set()
   for key, path, (to_ours, _) in entries:
     try:
       value = np.asarray(to_ours(np.asarray(state_dict[key], np.float32)))
     except (ValueError, IndexError):  # a rank or size the transform cannot take: mis-shaped
       value = None
-    want = params[path].shape
+    want = () if path is None else params[path].shape
     if value is None or value.shape != tuple(want):
       raise CheckpointMismatch(f"{family} checkpoint key {key!r} has shape "
                        f"{tuple(np.shape(state_dict[key]))}, which does not give this model's "
-                       f"{want} for {'/'.join(map(str, path))}")
+                       f"{want} for {'/'.join(map(str, path or ('(a scalar)',)))}")
+    if path is None:  # COUNTER: accounted for, nothing to keep
+      continue
     params[path].set_value(jax.numpy.asarray(value))
     covered.add(path)
   left = [p for p in params if p not in covered and not keep(p)]
@@ -75,9 +89,10 @@ def load(model, state_dict, entries, family, keep=lambda path: False):
 
 
 def dump(model, entries):
-  """The model's params as an official state dict of numpy arrays, in the entries' order."""
-  params = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
-  return {key: np.asarray(to_theirs(np.asarray(params[path][...])))
+  """The model's params (and BatchNorm statistics) as an official state dict of numpy arrays, in
+  the entries' order."""
+  params = _variables(model)
+  return {key: np.asarray(to_theirs(None if path is None else np.asarray(params[path][...])))
           for key, path, (_, to_theirs) in entries}
 
 
@@ -118,10 +133,7 @@ def read_checkpoint(path, key="model"):
       unreadable += (safetensors.SafetensorError,)
       ckpt = load(data)
     else:
-      # weights_only: tensors and containers, never code; training checkpoints (DeiT-style
-      # main.py: Vim, ...) also hold the run's argparse args
-      with torch.serialization.safe_globals([argparse.Namespace]):
-        ckpt = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+      ckpt = _torch_load(torch, data)
   except unreadable as e:
     raise CheckpointUnreadable(f"{path}: not a readable {path.suffix or 'torch'} checkpoint "
                                f"({_first_line(e)})") from None
@@ -129,50 +141,98 @@ def read_checkpoint(path, key="model"):
     ckpt = ckpt[key]
   elif any(isinstance(v, dict) for v in ckpt.values()):
     raise CheckpointMismatch(f"{path}: no state dict under {key!r}; it holds {sorted(ckpt)}")
+  others = [k for k, v in ckpt.items() if not isinstance(v, torch.Tensor)]
+  if others:
+    raise CheckpointMismatch(f"{path}: not a state dict of tensors under {key!r}: {_some(others)}")
   return {k: v.float().numpy() for k, v in ckpt.items()}
+
+
+class _StandIn:
+  """What an object of a class other than the weights' becomes when read (its code never runs)."""
+
+  def __init__(self, *args, **kwargs):
+    pass
+
+  def __setstate__(self, state):
+    pass
+
+
+def _torch_load(torch, data):
+  """torch.load with weights_only: tensors and containers, never code. Training checkpoints also
+  hold other objects beside the weights (DeiT-style main.py: Vim, ...: the run's argparse args;
+  mmengine's, as mmseg saves them: the message hub's history buffers, numpy values): those are
+  read as inert _StandIns (their classes are neither imported nor run), and only the state dict
+  is used. torch's own refusals (os, sys) stand."""
+  def load(extra):
+    with torch.serialization.safe_globals([argparse.Namespace, *extra]):
+      return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+  try:
+    return load([])
+  except pickle.UnpicklingError:
+    unsafe = getattr(torch.serialization, "get_unsafe_globals_in_checkpoint", None)  # torch 2.5+
+    names = unsafe(io.BytesIO(data)) if unsafe else []
+    if not names:
+      raise
+    return load([(_StandIn, name) for name in names])
 
 
 def _first_line(e):
   return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
 
 
-def write_checkpoint(path, state_dict):
-  """An .npz, or a torch checkpoint {"model": state dict}; `path` may be a URL."""
+def write_checkpoint(path, state_dict, key="model"):
+  """An .npz, or a torch checkpoint {key: state dict}; `path` may be a URL."""
   path = paths.resolve(path, "--checkpoint")
   buffer = io.BytesIO()
   if path.suffix == ".npz":
     np.savez(buffer, **state_dict)
   else:
     import torch  # noqa: PLC0415 - optional
-    torch.save({"model": {k: torch.from_numpy(np.ascontiguousarray(v))
-                          for k, v in state_dict.items()}}, buffer)
+    torch.save({key: {k: torch.from_numpy(np.ascontiguousarray(v))
+                      for k, v in state_dict.items()}}, buffer)
   if not paths.is_url(path):
     path.parent.mkdir(parents=True, exist_ok=True)
   path.write_bytes(buffer.getvalue())
 
 
 def save(model, name, directory):
-  """An orbax checkpoint of the params and model.json ({"model": name, "num_classes": ...});
-  `directory` may be a URL."""
+  """An orbax checkpoint of the params, one of BatchNorm's statistics when the model has them
+  (`stats`, a pure dict, as a training checkpoint's) and model.json ({"model": name,
+  "num_classes": ...}); `directory` may be a URL."""
   import orbax.checkpoint as ocp  # noqa: PLC0415
   directory = paths.resolve(directory, "--output")
   paths.check_bucket(directory, "--output")
+  stats = nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))
   with ocp.StandardCheckpointer() as ckptr:
     ckptr.save(directory / "params", nnx.state(model, nnx.Param))
+    if stats:
+      ckptr.save(directory / "stats", stats)
   paths.write_text(directory / "model.json",
-                   json.dumps(dict(model=name, num_classes=int(model.head.out_features))))
+                   json.dumps(dict(model=name, num_classes=num_classes(model))))
+
+
+def num_classes(model):
+  """The class count of a classifier (its `head`) or of a dense model (its decode head's
+  classifier, mmseg's `decode_head.conv_seg`)."""
+  head = model.head if hasattr(model, "head") else model.decode_head.conv_seg
+  return int(head.out_features)
 
 
 def restore(directory, **overrides):
-  """The model saved by `save` in `directory` (a path or URL)."""
+  """The model saved by `save` in `directory` (a path or URL), with its BatchNorm statistics."""
   import orbax.checkpoint as ocp  # noqa: PLC0415
   directory = paths.resolve(directory)
   meta = json.loads((directory / "model.json").read_text())
   model = nnx.eval_shape(lambda: registry.create_model(
       meta["model"], num_classes=meta["num_classes"], rngs=nnx.Rngs(0), **overrides))
   target = nnx.state(model, nnx.Param)
+  stats = nnx.state(model, nnx.BatchStat)
   with ocp.StandardCheckpointer() as ckptr:
     nnx.update(model, ckptr.restore(directory / "params", target))
+    if nnx.to_pure_dict(stats):
+      nnx.replace_by_pure_dict(stats, ckptr.restore(directory / "stats",
+                                                    nnx.to_pure_dict(stats)))
+      nnx.update(model, stats)
   return model
 
 
@@ -182,7 +242,9 @@ def cli(family):
                       ".safetensors or .npz); with --export, the file to write (.pth or .npz).")
   flags.DEFINE_enum("model", None, family.PRESETS, "Preset the checkpoint is loaded into.")
   flags.DEFINE_string("output", None, "Import: orbax checkpoint directory to write.")
-  flags.DEFINE_string("key", "model", "Where the state dict is: 'model' or 'model_ema'.")
+  key = getattr(family, "KEY", "model")
+  flags.DEFINE_string("key", key, "Where the state dict is in the checkpoint: "
+                      + ("'model' or 'model_ema'." if key == "model" else f"{key!r}."))
   flags.DEFINE_bool("export", False, "Export --input (ours) to --checkpoint instead.")
   flags.DEFINE_string("input", None, "Export: a converter output, a workdir or a step directory.")
   flags.DEFINE_integer("seed", 0, "Import: init seed of params the layout keeps (adaptors).")
@@ -202,7 +264,7 @@ def _main(family, f):
       raise CheckpointMismatch(f"--export: {f.input} holds a {type(model).__name__}, not a "
                                f"{family.FAMILY}")
     family.check_export(model, f.input)
-    write_checkpoint(f.checkpoint, family.to_state_dict(model))
+    write_checkpoint(f.checkpoint, family.to_state_dict(model), getattr(family, "KEY", "model"))
     print(f"wrote {f.checkpoint}")
     return
   if not (f.checkpoint and f.model and f.output):

@@ -4,7 +4,8 @@
 A path is one of
   workdir    a training workdir (has checkpoints/): its newest checkpoint
   step       a checkpoint step directory (has params/ and config/)
-  converted  a converter's output (has model.json and params/, nnx Variables)
+  converted  a converter's output (has model.json and params/, nnx Variables; stats/ too for
+             a model with BatchNorm: a converted UperNet)
 `find` says which, and which params item to read (the EMA when asked for and kept). A path
 may be local or a URL (gs://bucket/run: a notebook or Colab reading a pod's run; paths.py).
 """
@@ -76,11 +77,11 @@ def read_config(found):
 
 
 def load_stats(found, abstract_stats, sharding):
-  """BatchNorm's statistics saved with a workdir's or step's checkpoint, placed in `sharding`;
+  """BatchNorm's statistics saved with a checkpoint (a converter's too), placed in `sharding`;
   `abstract_stats` when the model has none ({})."""
   if not abstract_stats:
     return {}
-  directory = found.step_dir / "stats"
+  directory = (found.path if found.kind == "converted" else found.step_dir) / "stats"
   placed = checkpoint.placed(abstract_stats, jax.tree.map(lambda _: sharding, abstract_stats))
   with ocp.StandardCheckpointer() as ckptr, checkpoint.reading(directory):
     return ckptr.restore(directory, placed)
@@ -133,8 +134,10 @@ def load_model(path, *, ema=True, device=None):
   if found.kind == "converted":
     model = nnx.eval_shape(lambda: registry.create_model(
         config.model, num_classes=config.num_classes, rngs=nnx.Rngs(0)))
-    graphdef, abstract_params, _, rest = nnx.split(model, nnx.Param, nnx.BatchStat, ...)
+    graphdef, abstract_params, abstract_stats, rest = nnx.split(model, nnx.Param, nnx.BatchStat,
+                                                                ...)
     net = steps.Net(graphdef, steps.placeholders(rest))
+    stats = load_stats(found, nnx.to_pure_dict(abstract_stats), single)
   else:
     net, abstract_params, _ = steps.make_net(config, config.num_classes)
     stats = load_stats(found, steps.initial_stats(config, config.num_classes), single)
