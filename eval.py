@@ -4,7 +4,8 @@ Prints one JSON line last: top1 and top5 (of the EMA weights when the run kept t
 raw ones), raw_top1/raw_top5 (and ema_top1/ema_top5), n and images_per_s; for segmentation
 miou, macc, aacc (mmseg's IoUMetric) and "per_class": the file of per-class IoU and accuracy
 (WORKDIR/eval/step_<N>_<split>[_multiscale].json). --multiscale: mmseg's multi-scale and flip test.
---workdir may also be a checkpoint step directory (DIR/checkpoints/<step>).
+--workdir may also be a checkpoint step directory (DIR/checkpoints/<step>), or a converted
+checkpoint (official weights, adaptor_jax.convert) with --config naming its task and data.
 """
 import json
 
@@ -41,15 +42,19 @@ def main(argv):
 
 
 def _write_per_class(per_class):
-  """WORKDIR/eval/step_<N>_<split>[_multiscale].json: {"classes": [...], "iou": [...], ...}."""
+  """WORKDIR/eval/step_<N>_<split>[_multiscale].json (a converted checkpoint's: DIR/eval/<split>
+  [_multiscale].json): {"classes": [...], "iou": [...], "acc": [...], ...}."""
   import jax  # noqa: PLC0415
   from adaptor_jax import paths  # noqa: PLC0415
   from adaptor_jax.training import loader  # noqa: PLC0415
   found = loader.find(_WORKDIR.value, what="--workdir")
   config = loader.read_config(found) if _CONFIG.value is None else _CONFIG.value
   split = _SPLIT.value or config.data.eval_split
-  name = f"step_{found.step_dir.name}_{split}{'_multiscale' if _MULTISCALE.value else ''}.json"
-  path = found.step_dir.parent.parent / "eval" / name
+  name = f"{split}{'_multiscale' if _MULTISCALE.value else ''}.json"
+  if found.kind == "converted":  # official weights: their directory
+    path = found.path / "eval" / name
+  else:
+    path = found.step_dir.parent.parent / "eval" / f"step_{found.step_dir.name}_{name}"
   if jax.process_index() == 0:
     paths.write_text(path, json.dumps(per_class, indent=1))
   return path

@@ -250,3 +250,30 @@ def test_eval_bucket_1_is_whole_image_inference(ade_cfg):
   for b in _eval_batches(cfg, 0, 1, batch_size=1):
     lh, lw = originals[int(b["index"][0])][1].shape
     assert b["views"][0]["image"].shape[1:3] == segtransforms.rescale_size(lh, lw, cfg.seg_scale)
+
+
+def test_a_converted_checkpoint_evaluates_with_the_config_of_its_data(seg_run):
+  """Official weights as the importer writes them (here: the run's model saved by
+  convert/state_dict.save, its BatchNorm statistics too) evaluate with eval.py --config, to the
+  run's own numbers; without --config, one line says what to give."""
+  from adaptor_jax import load_model
+  from adaptor_jax.convert import state_dict
+  workdir, _, d = seg_run
+  model, config = load_model(workdir)
+  state_dict.save(model, config.model, str(d / "converted"))
+  flags = [f"--config={os.path.join(tc.REPO, 'configs', 'seg_demo.py')}",
+           f"--config.data.data_dir={d / 'data'}",
+           "--config.model_overrides.dims=(8, 16, 16, 16)",
+           "--config.model_overrides.depths=(1, 1, 1, 1)",
+           "--config.model_overrides.channels=16", "--config.model_overrides.aux_channels=8"]
+  eval_py = [sys.executable, os.path.join(tc.REPO, "eval.py"), f"--workdir={d / 'converted'}"]
+  code, printed = tc.run(eval_py + flags, str(d / "eval_conv"), env=tc.env())
+  assert code == 0, tc.tail(str(d / "eval_conv.err"))
+  result = json.loads(printed.strip().splitlines()[-1])
+  final = [m for m in tc.read_metrics(workdir) if m["step"] == 30 and "eval/miou" in m][-1]
+  assert result["miou"] == pytest.approx(final["eval/miou"], abs=1e-6)
+  assert result["per_class"] == str(d / "converted" / "eval" / "validation.json")
+  code, _ = tc.run(eval_py, str(d / "eval_noconf"), env=tc.env())
+  err = tc.tail(str(d / "eval_noconf.err"))
+  assert code != 0 and "is a converted upernet_b1, not a run: give the config" in err, err
+  assert "Traceback" not in err

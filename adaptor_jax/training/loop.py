@@ -266,12 +266,20 @@ def train_and_evaluate(config, workdir):
 
 def evaluate_checkpoint(path, config=None, split=None, data=None):
   """evaluate() of the newest checkpoint in a workdir (or of a step directory), EMA and raw,
-  sharded like training; `config` defaults to the checkpoint's own, `data` overrides its data
-  keys (eval.py --multiscale). With per-class metrics, "classes" names them."""
+  sharded like training, or of a converted checkpoint (official weights) with the `config` of
+  its task and data; `config` defaults to the checkpoint's own, `data` overrides its data keys
+  (eval.py --multiscale). With per-class metrics, "classes" names them."""
   found = loader.find(path, what="--workdir")
   if found.kind == "converted":
-    raise loader.NotACheckpoint(f"{found.path} is a converted checkpoint, not a run: evaluate "
-                                "it with load_model, or train from it with config.init_from")
+    saved = loader.read_config(found)
+    if config is None:
+      raise loader.NotACheckpoint(
+          f"{found.path} is a converted {saved.model}, not a run: give the config of its task "
+          "and data (e.g. --config=configs/upernet_ade20k.py:vmamba_tiny), or load it with "
+          "load_model")
+    if config.model != saved.model:
+      raise config_lib.ConfigError(f"config.model: {config.model}, but {found.path} holds a "
+                                   f"{saved.model}")
   config = loader.read_config(found) if config is None else config
   if data:
     if config.task != "segmentation":
