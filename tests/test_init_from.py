@@ -153,3 +153,26 @@ def test_linear_probing_trains_only_the_classifier():
   assert counts["trainable"] == 16 * 10 + 10 + 2 * 16
   assert counts["params"] == sum(int(np.prod(s)) for s in tc.flat_shapes(
       nnx.to_pure_dict(made[1])).values())
+
+
+def test_upernet_from_a_converted_upernet_has_its_batch_stats(tmp_path):
+  """A converted UperNet (official weights) gives its params and BatchNorm's running statistics:
+  the started model's eval output equals the converted model's."""
+  from adaptor_jax.convert import upernet as cu
+  four = dict(dims=(8, 16, 16, 16), depths=(1, 1, 1, 1), channels=16, aux_channels=8)
+  source = registry.create_model("upernet_vmamba_tiny", num_classes=5, rngs=nnx.Rngs(3), **four)
+  stats = nnx.state(source, nnx.BatchStat)
+  rng = np.random.default_rng(0)
+  nnx.update(source, jax.tree.map(lambda a: jax.numpy.asarray(
+      rng.uniform(0.5, 1.5, a.shape).astype(np.float32)), stats))
+  cu.save(source, "upernet_vmamba_tiny", str(tmp_path / "converted"))
+  config = _config(init_from=str(tmp_path / "converted"), model="upernet_vmamba_tiny",
+                   task="segmentation", num_classes=5,
+                   model_overrides=ml_collections.ConfigDict(four))
+  net, state = _started(config, tmp_path)
+  x = jax.random.normal(jax.random.key(1), (2, 64, 64, 3))
+  source.eval()
+  got = net.model(state["params"], train=False, stats=state["stats"])(x)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(source(x)), rtol=1e-6, atol=1e-6)
+  with open(tmp_path / "init_from.json") as f:
+    assert json.load(f)["batch_stats"] == str(tmp_path / "converted")

@@ -13,6 +13,8 @@ classifier head is left out (listed as dropped) and the model's own heads keep t
 Anything else stops the run before any training, in one line naming the params: one the
 checkpoint lacks, one of another shape, or one of the checkpoint the model has no place for
 (its values would be lost). Only the params to load are read (orbax partial restore).
+BatchNorm's running statistics come along when the checkpoint has them for the same model
+(a run or a converted UperNet; from a classifier they start at their init).
 The run's workdir gets init_from.json: where from, what was loaded, what kept its init.
 """
 import json
@@ -146,9 +148,10 @@ def apply(state, shardings, config, workdir):
   report goes to `workdir`/init_from.json (a path or URL)."""
   workdir = paths.resolve(workdir)
   try:
-    directory = loader.find(config.init_from, what="config.init_from").params
+    found = loader.find(config.init_from, what="config.init_from")
   except loader.NotACheckpoint as e:
     raise InitFromError(f"config.init_from: {e}") from None
+  directory = found.params
   saved, converted = saved_shapes(directory)
   wanted = {path: tuple(a.shape) for path, a in _flat(state["params"]).items()}
   prefix, dropped, new_parts = _from_classifier(config.model, saved)
@@ -170,10 +173,20 @@ def apply(state, shardings, config, workdir):
       lambda path, old: values[k].astype(old.dtype) if (k := "/".join(map(_key, path))) in values
       else old, state["params"])
   ema = jax.tree.map(jnp.copy, params) if state["ema"] is not None else None
+  stats, stats_from = state["stats"], "init"
+  if stats and not prefix and _has_stats(found):  # the same model's BatchNorm: its statistics
+    stats_from = str(found.step_dir or found.path)
+    stats = loader.load_stats(found, jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), stats),
+        jax.tree.leaves(shardings["stats"])[0])  # replicated, as all of them
   logging.info("init_from %s: %d params loaded, %d kept at init: %s", directory, len(load),
                len(init), init)
   if jax.process_index() == 0:
     paths.write_text(workdir / "init_from.json", json.dumps(dict(
         init_from=config.init_from, directory=str(directory), loaded=len(load),
-        kept_at_init=init, dropped=dropped), indent=1))
-  return dict(state, params=params, ema=ema)
+        kept_at_init=init, dropped=dropped, batch_stats=stats_from), indent=1))
+  return dict(state, params=params, ema=ema, stats=stats)
+
+
+def _has_stats(found):
+  return ((found.step_dir or found.path) / "stats").is_dir()
