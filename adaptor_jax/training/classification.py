@@ -14,6 +14,7 @@ from adaptor_jax.data import augment, pipeline
 
 NAME = "classification"
 EVAL_KEYS = ("image", "label", "mask")
+SHOWN = (("top-1", "top1"), ("top-5", "top5"))  # an evaluation's line: label, metric
 BEST = "top1"  # the metric that picks the best checkpoint (higher is better)
 
 
@@ -62,12 +63,3 @@ def metrics(counts):
   """{"top1", "top5", "n"} of the counts summed over a split."""
   n = int(counts["n"])
   return dict(top1=int(counts["top1"]) / max(n, 1), top5=int(counts["top5"]) / max(n, 1), n=n)
-
-
-def line(result):
-  """An evaluation as a line: top-1 and top-5 of the EMA weights (and the raw ones)."""
-  def both(k):
-    if "ema_" + k not in result:
-      return f"{result[k]:.2%}"
-    return f"{result['ema_' + k]:.2%} (raw {result['raw_' + k]:.2%})"
-  return f"top-1 {both('top1')}, top-5 {both('top5')}, {result['n']} images"

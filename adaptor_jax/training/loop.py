@@ -239,7 +239,7 @@ def train_and_evaluate(config, workdir):
           evaluate_now, result = False, {}
         else:
           progress.scalars(step, result, prefix="eval/")
-          progress.line(f"eval at step {step}: " + task.line(result))
+          progress.line(f"eval at step {step}: " + tasks.line(task, result))
       stopping = stop_signal(mngr, step)
       if evaluate_now or step % config.checkpoint_every == 0 or stopping:
         watch.flush()  # never a state after a non-finite step

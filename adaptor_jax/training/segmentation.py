@@ -23,6 +23,7 @@ from adaptor_jax.models import common
 
 NAME = "segmentation"
 EVAL_KEYS = ("views", "label", "mask")
+SHOWN = (("mIoU", "miou"), ("mAcc", "macc"), ("aAcc", "aacc"))  # an evaluation's line
 BEST = "miou"
 AUX_WEIGHT = 0.4
 
@@ -115,11 +116,3 @@ def metrics(counts):
               macc=float(np.nanmean(acc)) if (label > 0).any() else 0.0,
               aacc=float(intersect.sum() / max(label.sum(), 1)),
               iou=per_class(iou), acc=per_class(acc), n=int(counts["n"]))
-
-
-def line(result):
-  def both(k):
-    if "ema_" + k not in result:
-      return f"{result[k]:.2%}"
-    return f"{result['ema_' + k]:.2%} (raw {result['raw_' + k]:.2%})"
-  return f"mIoU {both('miou')}, mAcc {both('macc')}, aAcc {both('aacc')}, {result['n']} images"
