@@ -255,7 +255,7 @@ def test_validate_names_the_bad_key(change, key):
 def test_validate_accepts_randaugment_off():
   config = config_lib.default_config()
   config.data.randaugment = ""
-  config_lib.validate(config)
+  assert config_lib.validate(config) is config and config.data.randaugment == ""
 
 
 def test_train_cli_rejects_a_bad_value_before_compute(tmp_path):
