@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import dataset_archives
-from adaptor_jax.data import builders, pipeline
+from adaptor_jax.data import builders, pipeline, writer
 SIZE = 16  # output image side in these tests
 
 
@@ -41,8 +41,8 @@ def write_unchecked(root, data_dir, name):
   kept), with the builder's own scan and writer."""
   # pylint: disable=protected-access
   class_names, examples = builders._folder_examples(str(root), 0.1, 0)
-  builders.write(name, str(data_dir), builders._features(class_names),
-                  {s: builders._file_examples(rows) for s, rows in examples.items()}, "")
+  writer.write(name, str(data_dir), writer.image_features(class_names),
+               {s: writer.file_examples(rows) for s, rows in examples.items()}, "")
   # pylint: enable=protected-access
 
 

@@ -13,7 +13,7 @@ import dataset_archives
 import data_cases
 from data_cases import DIGITS_TRAIN_FILE, SIZE, make_cfg
 from adaptor_jax import errors
-from adaptor_jax.data import builders, pipeline, transforms
+from adaptor_jax.data import pipeline, transforms, writer
 
 # the module-scoped datasets these tests share
 digits_dir, folder, corrupt_digits = data_cases.digits_dir, data_cases.folder, data_cases.corrupt_digits
@@ -43,15 +43,15 @@ def test_catalog_names_read_tfds_own_builder(tmp_path):
   """
   rng = np.random.default_rng(2)
   rows = [(f"n{i:08d}_{i}.JPEG", 100 * i, dataset_archives.image_bytes(rng, "JPEG")) for i in range(6)]
-  fake = type("FakeImagenet", (builders._Builder,),  # pylint: disable=protected-access
+  fake = type("FakeImagenet", (writer._Builder,),  # pylint: disable=protected-access
               dict(name="imagenet2012", VERSION=tfds.core.Version("5.1.0"),
                    RELEASE_NOTES={"5.1.0": ""}), skip_registration=True)
   # pylint: disable=protected-access
-  builders._prepare(fake(
+  writer._prepare(fake(
       data_dir=tmp_path, file_format="array_record",
-      features=builders._features([str(i) for i in range(1000)]),
-      examples={"train": builders._file_examples(rows[:4]),
-                "validation": builders._file_examples(rows[4:])}))
+      features=writer.image_features([str(i) for i in range(1000)]),
+      examples={"train": writer.file_examples(rows[:4]),
+                "validation": writer.file_examples(rows[4:])}))
   # pylint: enable=protected-access
   cfg = make_cfg("imagenet2012", tmp_path)
   assert type(pipeline.open_builder(cfg)).__module__.startswith("tensorflow_datasets.datasets")
@@ -226,12 +226,10 @@ def test_corrupt_records_are_skipped_and_counted(folder, caplog):
 
 def write_records(data_dir, name, splits):
   """Dataset `name` of {split: [image bytes]}, written as the builders write (labels 0, 1)."""
-  # pylint: disable=protected-access
-  examples = {s: builders._file_examples((f"{i:03d}.png", i % 2, data)
-                                         for i, data in enumerate(rows))
+  examples = {s: writer.file_examples((f"{i:03d}.png", i % 2, data)
+                                      for i, data in enumerate(rows))
               for s, rows in splits.items()}
-  builders.write(name, str(data_dir), builders._features(["a", "b"]), examples, "")
-  # pylint: enable=protected-access
+  writer.write(name, str(data_dir), writer.image_features(["a", "b"]), examples, "")
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])

@@ -25,8 +25,8 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from adaptor_jax.data import builders, transforms
-from adaptor_jax.data.builders import BuildError, SourceMissing
+from adaptor_jax.data import transforms, writer
+from adaptor_jax.data.writer import BuildError, SourceMissing
 
 NAME, VERSION = "ade20k", "1.0.0"
 NUM_CLASSES = 150  # label 0 is "other": ignored (mmseg's reduce_zero_label)
@@ -133,7 +133,7 @@ def _examples(source, pairs):
 def build(source, data_dir=None, overwrite=False):
   """Prepares `ade20k` in `data_dir` from ADEChallengeData2016.zip or its folder; returns a
   read-only builder. A build is reused unless `overwrite`."""
-  return builders.build_once(NAME, VERSION, data_dir, overwrite, _write, source)
+  return writer.build_once(NAME, VERSION, data_dir, overwrite, _write, source)
 
 
 def _write(data_dir, source):
@@ -145,7 +145,7 @@ def _write(data_dir, source):
   if bad:
     raise BuildError(f"{source.name}: {len(bad)} unusable image/annotation pairs: "
                      + "; ".join(bad[:_BAD_NAMED]) + ("; ..." if len(bad) > _BAD_NAMED else ""))
-  builders.write(NAME, data_dir, features(),
-                 {split: _examples(source, pairs) for split, pairs in splits.items()},
-                 f"ADE20K-150 (SceneParsing) from {source.name}.", VERSION,
-                 metadata=dict(class_names=names))
+  writer.write(NAME, data_dir, features(),
+               {split: _examples(source, pairs) for split, pairs in splits.items()},
+               f"ADE20K-150 (SceneParsing) from {source.name}.", VERSION,
+               metadata=dict(class_names=names))

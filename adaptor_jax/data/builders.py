@@ -1,4 +1,5 @@
-r"""TFDS datasets in ArrayRecord format, written without TensorFlow.
+r"""Our own TFDS datasets (`digits`, image folders) and the command line that builds every
+dataset of ours in ArrayRecord format, without TensorFlow, the catalog's included.
 
   python -m adaptor_jax.data.builders --dataset=digits --data_dir=DIR
   python -m adaptor_jax.data.builders --dataset=image_folder --root=DIR --name=NAME --data_dir=DIR
@@ -7,6 +8,8 @@ r"""TFDS datasets in ArrayRecord format, written without TensorFlow.
   python -m adaptor_jax.data.builders --dataset=svhn_cropped --source=DIR_WITH_MAT_FILES \
       --data_dir=DIR
   python -m adaptor_jax.data.builders --dataset=food101 --source=PATH/food-101.tar.gz --data_dir=DIR
+  python -m adaptor_jax.data.builders --dataset=ade20k --source=ADEChallengeData2016.zip \
+      --data_dir=DIR
 
 Two builders of our own, both storing encoded images (TFDS only needs TensorFlow to encode numpy
 arrays):
@@ -22,193 +25,28 @@ Their features: image (encoded bytes, decoded as (H, W, 3) uint8), label (ClassL
 (path relative to the split's root). Neither is registered in TFDS' registry:
 `tfds.builder(name, data_dir=...)` and `tfds.data_source` find them from their files on disk.
 
-Three TFDS catalog datasets (cifar100, svhn_cropped, food101) are built from the files their
-sites distribute by catalog.py, with this module's writer; this command line builds them too.
-Arrays are encoded as PNG with PIL (lossless; TFDS stores arrays as PNG too): nothing to check.
+The datasets built from the files their sites distribute (cifar100, svhn_cropped, food101,
+ade20k) are catalog.py's and ade20k.py's; this command line builds them too. Every one is written
+with writer.py (the TFDS ArrayRecord writer). Arrays are encoded as PNG with PIL (lossless; TFDS
+stores arrays as PNG too): nothing to check.
 """
-import contextlib
-import fcntl
-import io
 import os
 import re
-import shutil
-import tempfile
 
 import numpy as np
 import tensorflow_datasets as tfds
 from absl import app, flags, logging
-from etils import epath
 
-from adaptor_jax import commands, errors, paths
-from adaptor_jax.data import transforms
+from adaptor_jax import commands, paths
+from adaptor_jax.data import writer
+from adaptor_jax.data.catalog import CATALOG_BUILDERS, CATALOG_SOURCES
+from adaptor_jax.data.writer import DEFAULT_VERSION, BuildError, SourceMissing
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 DIGITS_NAME = "digits"
 DIGITS_SPLIT_SEED = 0
 DIGITS_VALIDATION_FRACTION = 0.2
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
-DEFAULT_VERSION = "1.0.0"  # of digits and image folders
-_BAD_NAMED = 5  # bad files named in a message
-
-
-class SourceMissing(errors.UserError, FileNotFoundError):
-  """A file or directory to build a dataset from is not there."""
-
-
-class BuildError(errors.UserError, ValueError):
-  """What to build from, or how, is not what a builder can take (the message names it)."""
-
-
-def _features(class_names):
-  """The features of `digits` and image folders."""
-  return tfds.features.FeaturesDict({
-      "image": tfds.features.Image(shape=(None, None, 3)),
-      "label": tfds.features.ClassLabel(names=list(class_names)),
-      "file_name": tfds.features.Text(),
-  })
-
-
-class _Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
-  """Writes `self._examples`, {split: iterable of (key, example)}, with `self._features`."""
-
-  VERSION = tfds.core.Version(DEFAULT_VERSION)
-  RELEASE_NOTES = {DEFAULT_VERSION: "First version."}
-  # No checksums or metadata files next to the code: set both so TFDS doesn't look for them
-  # (that lookup needs `importlib_resources` and fails for a builder defined in `__main__`).
-  code_path = None
-  pkg_dir_path = epath.Path(os.path.dirname(os.path.abspath(__file__)))
-
-  def __init__(self, *, features, examples=None, description="", metadata=None, **kwargs):
-    self._features = features
-    self._examples = examples or {}
-    self._description = description
-    self._metadata = metadata
-    super().__init__(**kwargs)
-
-  def _info(self):
-    supervised = ("image", "label") if "label" in self._features else None
-    return self.dataset_info_from_configs(
-        description=self._description, features=self._features, supervised_keys=supervised,
-        metadata=tfds.core.MetadataDict(self._metadata) if self._metadata else None)
-
-  def _split_generators(self, dl_manager):
-    del dl_manager
-    return {split: self._generate_examples(rows) for split, rows in self._examples.items()}
-
-  def _generate_examples(self, rows):
-    yield from rows
-
-  def _log_download_bytes(self):
-    """TFDS prints 'Downloading and preparing dataset Unknown size ...': nothing is downloaded
-    here, and build_once says what was built where."""
-
-  def _log_download_done(self):
-    """(See _log_download_bytes.)"""
-
-
-def _file_examples(rows):
-  """(key, example) of rows (file_name, label, encoded bytes or a path), keyed by file_name."""
-  for file_name, label, data in rows:
-    if not isinstance(data, bytes):
-      with open(data, "rb") as f:
-        data = f.read()
-    yield file_name, {"image": data, "label": label, "file_name": file_name}
-
-
-def _builder_class(name, version=DEFAULT_VERSION):
-  """A `_Builder` subclass named `name` (the TFDS name comes from the class attribute)."""
-  version = str(version)
-  attrs = {"name": name, "__module__": __name__}  # else type() names abc (dataset_info.json)
-  if version != DEFAULT_VERSION:  # a catalog dataset's version
-    attrs.update(VERSION=tfds.core.Version(version),
-                 RELEASE_NOTES={version: "Built by adaptor_jax.data.builders."})
-  return type(f"Builder_{name}", (_Builder,), attrs, skip_registration=True)
-
-
-@contextlib.contextmanager
-def _lock(name, data_dir):
-  """An exclusive file lock so concurrent processes don't build the same dataset twice. None for
-  a URL data_dir: processes that race there build the same files locally and copy them."""
-  if paths.is_url(data_dir):
-    yield
-    return
-  os.makedirs(data_dir, exist_ok=True)
-  with open(os.path.join(data_dir, f".{name}.lock"), "w") as f:
-    fcntl.flock(f, fcntl.LOCK_EX)
-    try:
-      yield
-    finally:
-      fcntl.flock(f, fcntl.LOCK_UN)
-
-
-@contextlib.contextmanager
-def _staged(name, data_dir, version):
-  """Yields the local data_dir to write `name`/`version` in: data_dir itself, or for a URL a
-  local temporary one whose version directory is then copied into the bucket (replacing what
-  is there), dataset_info.json last: a reader never takes a partial copy for a dataset."""
-  if not paths.is_url(data_dir):
-    yield data_dir
-    return
-  with tempfile.TemporaryDirectory(prefix="adaptor_jax-build-") as local:
-    yield local
-    built, dest = epath.Path(_version_dir(name, local, version)), _version_dir(name, data_dir,
-                                                                                version)
-    if dest.exists():
-      dest.rmtree()
-    for f in sorted(built.iterdir(), key=lambda f: f.name == "dataset_info.json"):
-      with f.open("rb") as src, (dest / f.name).open("wb") as out:
-        shutil.copyfileobj(src, out, 16 << 20)
-    logging.info("Copied %s/%s into %s", name, version, dest)
-
-
-def _prepare(builder):
-  builder.download_and_prepare(
-      file_format="array_record",
-      download_config=tfds.download.DownloadConfig(try_download_gcs=False))
-  return builder
-
-
-def write(name, data_dir, features, examples, description, version=DEFAULT_VERSION,
-          metadata=None):
-  """Writes `examples` ({split: iterable of (key, example)}) as `name`/`version` in the local
-  data_dir, with `metadata` (a dict, e.g. a segmentation dataset's class names). Files of that
-  version already there are removed first (else TFDS would reuse them)."""
-  if os.path.isdir(_version_dir(name, data_dir, version)):
-    shutil.rmtree(_version_dir(name, data_dir, version))
-  return _prepare(_builder_class(name, version)(
-      data_dir=data_dir, file_format="array_record", features=features, examples=examples,
-      description=description, metadata=metadata))
-
-
-def _version_dir(name, data_dir, version=DEFAULT_VERSION):
-  return paths.resolve(data_dir, "--data_dir") / name / str(version)
-
-
-def _is_prepared(name, data_dir, version=DEFAULT_VERSION):
-  return (_version_dir(name, data_dir, version) / "dataset_info.json").exists()
-
-
-def data_dir_of(data_dir):
-  """`data_dir` (a path or URL; "" or None: TFDS' default) as a string TFDS takes."""
-  return str(paths.resolve(data_dir or tfds.core.constants.DATA_DIR, "--data_dir"))
-
-
-def build_once(name, version, data_dir, overwrite, write, *args):
-  """Under the lock, calls `write(local_data_dir, *args)` unless `name`/`version` is prepared in
-  data_dir (or `overwrite`); for a URL data_dir it writes locally and copies the result there.
-  Returns a read-only builder of the prepared dataset."""
-  data_dir = data_dir_of(data_dir)
-  paths.check_bucket(data_dir, "--data_dir")
-  with _lock(name, data_dir):
-    if overwrite or not _is_prepared(name, data_dir, version):
-      with _staged(name, data_dir, version) as local:
-        write(local, *args)
-      built = tfds.builder_from_directory(os.fspath(_version_dir(name, data_dir, version)))
-      splits = ", ".join(f"{s} {i.num_examples}" for s, i in built.info.splits.items())
-      print(f"built the dataset {name} {version} in {built.data_dir} ({splits})", flush=True)
-      return built
-    logging.info("Reusing %s in %s", name, data_dir)
-  return tfds.builder_from_directory(os.fspath(_version_dir(name, data_dir, version)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -230,16 +68,8 @@ def digits_arrays():
   return images, labels, np.sort(train_idx), np.sort(val_idx)
 
 
-def png(rgb_u8):
-  """PNG bytes of an (H, W, 3) uint8 array (lossless: it decodes to the same pixels)."""
-  from PIL import Image  # pylint: disable=g-import-not-at-top
-  buf = io.BytesIO()
-  Image.fromarray(np.ascontiguousarray(rgb_u8)).save(buf, format="PNG")
-  return buf.getvalue()
-
-
 def _png_rgb(gray_u8):
-  return png(np.repeat(gray_u8[:, :, None], 3, axis=2))
+  return writer.png(np.repeat(gray_u8[:, :, None], 3, axis=2))
 
 
 def build_digits(data_dir=None):
@@ -248,18 +78,18 @@ def build_digits(data_dir=None):
   "<sklearn index>.png". (It takes a second: no progress bars.)"""
   tfds.display_progress_bar(False)
   try:
-    return build_once(DIGITS_NAME, DEFAULT_VERSION, data_dir, False, _write_digits)
+    return writer.build_once(DIGITS_NAME, DEFAULT_VERSION, data_dir, False, _write_digits)
   finally:
     tfds.display_progress_bar(True)
 
 
 def _write_digits(data_dir):
   images, labels, train_idx, val_idx = digits_arrays()
-  rows = lambda idx: _file_examples(
+  rows = lambda idx: writer.file_examples(
       (f"{i:04d}.png", int(labels[i]), _png_rgb(images[i])) for i in idx)
-  write(DIGITS_NAME, data_dir, _features([str(c) for c in range(10)]),
-        {"train": rows(train_idx), "validation": rows(val_idx)},
-        "scikit-learn's handwritten digits (UCI optdigits test set), 8x8, RGB PNG.")
+  writer.write(DIGITS_NAME, data_dir, writer.image_features([str(c) for c in range(10)]),
+               {"train": rows(train_idx), "validation": rows(val_idx)},
+               "scikit-learn's handwritten digits (UCI optdigits test set), 8x8, RGB PNG.")
   logging.info("Built %s in %s: %d train, %d validation", DIGITS_NAME, data_dir,
                len(train_idx), len(val_idx))
 
@@ -358,24 +188,8 @@ def build_image_folder(root, data_dir, name, validation_fraction=0.1, seed=0, ov
   `pipeline.open_source` with `config.data.name = name`.
   """
   check_name(name)
-  return build_once(name, DEFAULT_VERSION, data_dir, overwrite, _write_image_folder, root, name,
-                     validation_fraction, seed, skip_bad)
-
-
-def decode_error(data):
-  """None when `data` decodes as the pipeline decodes it, else the reason."""
-  try:
-    transforms.decode(data)
-  except ValueError as e:
-    return str(e)
-  return None
-
-
-def bad_list(bad):
-  """"a (why), b, c ... and N more" of [(name, why)]: the first reason, the first names."""
-  named = [f"{bad[0][0]} ({bad[0][1]})"] + [n for n, _ in bad[1:_BAD_NAMED]]
-  more = len(bad) - _BAD_NAMED
-  return ", ".join(named) + (f" and {more} more" if more > 0 else "")
+  return writer.build_once(name, DEFAULT_VERSION, data_dir, overwrite, _write_image_folder, root,
+                           name, validation_fraction, seed, skip_bad)
 
 
 def _checked_rows(root, examples, skip_bad):
@@ -388,7 +202,7 @@ def _checked_rows(root, examples, skip_bad):
     for _, _, path in rows:
       total += 1
       with open(path, "rb") as f:
-        why = decode_error(f.read())
+        why = writer.decode_error(f.read())
       if why:
         bad.append((os.path.relpath(path, root), why))
   if not bad:
@@ -396,9 +210,9 @@ def _checked_rows(root, examples, skip_bad):
   bad.sort()
   what = f"Image folder {root}: {len(bad)} of {total} files do not decode as images: "
   if not skip_bad:
-    raise BuildError(what + bad_list(bad) + "; fix or remove them, or pass skip_bad=True "
-                     "(--skip_bad) to leave them out.")
-  logging.warning("%s%s; left out (skip_bad).", what, bad_list(bad))
+    raise BuildError(what + writer.bad_list(bad) + "; fix or remove them, or pass "
+                     "skip_bad=True (--skip_bad) to leave them out.")
+  logging.warning("%s%s; left out (skip_bad).", what, writer.bad_list(bad))
   paths = {os.path.join(root, rel) for rel, _ in bad}
   examples = {s: [r for r in rows if r[2] not in paths] for s, rows in examples.items()}
   return {s: rows for s, rows in examples.items() if rows}
@@ -410,12 +224,11 @@ def _write_image_folder(data_dir, root, name, validation_fraction, seed, skip_ba
   examples = _checked_rows(root, examples, skip_bad)
   if "train" not in examples:
     raise BuildError(f"Image folder {root}: no train image decodes.")
-  write(name, data_dir, _features(class_names),
-         {s: _file_examples(rows) for s, rows in examples.items()}, f"Image folder {root}.")
+  writer.write(name, data_dir, writer.image_features(class_names),
+               {s: writer.file_examples(rows) for s, rows in examples.items()},
+               f"Image folder {root}.")
   logging.info("Built %s in %s from %s: %s", name, data_dir, root,
                {s: len(rows) for s, rows in examples.items()})
-
-
 
 
 # ---------------------------------------------------------------------------------------------
@@ -423,7 +236,6 @@ def _write_image_folder(data_dir, root, name, validation_fraction, seed, skip_ba
 
 def _define_flags():
   """The CLI's flags (defined only when run as a script, so importers' flags never clash)."""
-  from adaptor_jax.data.catalog import CATALOG_BUILDERS  # noqa: PLC0415 - catalog imports us
   flags.DEFINE_enum("dataset", None, ["digits", "image_folder", *CATALOG_BUILDERS],
                     "What to build.")
   flags.DEFINE_string("data_dir", None, "TFDS data directory (default: TFDS').")
@@ -442,7 +254,6 @@ def _define_flags():
 
 def main(argv):
   del argv
-  from adaptor_jax.data.catalog import CATALOG_BUILDERS, CATALOG_SOURCES  # noqa: PLC0415
   f = flags.FLAGS
   for name in ("root", "source"):
     if f[name].value and paths.is_url(f[name].value):

@@ -12,8 +12,8 @@ indices, class names and example keys, so TFDS' own registered builder reads the
   ("apple_pie/1005649"). The archive is read in place, one image at a time; each JPEG is decoded
   as it is written, and the build fails (nothing is kept) listing the members that don't decode.
 
-Each is written by builders.py's machinery (the TFDS ArrayRecord writer, one build at a time per
-data_dir); `python -m adaptor_jax.data.builders --dataset=NAME --source=...` builds it.
+Each is written by writer.py (the TFDS ArrayRecord writer, one build at a time per data_dir);
+`python -m adaptor_jax.data.builders --dataset=NAME --source=...` builds it.
 """
 import io
 import os
@@ -24,8 +24,8 @@ import numpy as np
 import tensorflow_datasets as tfds
 from absl import logging
 
-from adaptor_jax.data import ade20k, builders
-from adaptor_jax.data.builders import BuildError, SourceMissing
+from adaptor_jax.data import ade20k, writer
+from adaptor_jax.data.writer import BuildError, SourceMissing
 
 
 CIFAR100_NAME, CIFAR100_VERSION = "cifar100", "3.0.2"
@@ -150,7 +150,7 @@ def _cifar100_features(fine_names, coarse_names):
 def _cifar100_examples(split, images, fine, coarse):
   """TFDS' cifar100 examples: keyed by the index in file order, id "<split>_00000"."""
   for i, image in enumerate(images):
-    yield i, {"id": f"{split}_{i:05d}", "image": builders.png(image), "label": int(fine[i]),
+    yield i, {"id": f"{split}_{i:05d}", "image": writer.png(image), "label": int(fine[i]),
               "coarse_label": int(coarse[i])}
 
 
@@ -160,8 +160,8 @@ def build_cifar100(source, data_dir=None, overwrite=False):
   Splits train and test in the archive's order; returns a read-only builder. An existing
   build is reused unless `overwrite`. The archive's pickles are unpickled: use the original.
   """
-  return builders.build_once(CIFAR100_NAME, CIFAR100_VERSION, data_dir, overwrite, _write_cifar100,
-                     source)
+  return writer.build_once(CIFAR100_NAME, CIFAR100_VERSION, data_dir, overwrite, _write_cifar100,
+                           source)
 
 
 def _write_cifar100(data_dir, source):
@@ -169,9 +169,9 @@ def _write_cifar100(data_dir, source):
     members = _members(tar)
     fine_names, coarse_names = _cifar100_names(tar, members)
     splits = {s: _cifar100_split(tar, members, s) for s in ("train", "test")}
-  builders.write(CIFAR100_NAME, data_dir, _cifar100_features(fine_names, coarse_names),
-         {s: _cifar100_examples(s, *arrays) for s, arrays in splits.items()},
-         f"CIFAR-100 from {source}, as TFDS' cifar100.", CIFAR100_VERSION)
+  writer.write(CIFAR100_NAME, data_dir, _cifar100_features(fine_names, coarse_names),
+               {s: _cifar100_examples(s, *arrays) for s, arrays in splits.items()},
+               f"CIFAR-100 from {source}, as TFDS' cifar100.", CIFAR100_VERSION)
   logging.info("Built %s in %s from %s: %s", CIFAR100_NAME, data_dir, source,
                {s: len(arrays[0]) for s, arrays in splits.items()})
 
@@ -228,7 +228,7 @@ def _svhn_examples(split, path, labels):
   """TFDS' svhn_cropped examples of one file, keyed by index; X is read here, when written."""
   images = _svhn_mat(path, ["X"])["X"]
   for i, label in enumerate(labels):
-    yield i, {"image": builders.png(images[..., i]), "label": int(label), "id": f"{split}_{i:06d}"}
+    yield i, {"image": writer.png(images[..., i]), "label": int(label), "id": f"{split}_{i:06d}"}
 
 
 def _svhn_features():
@@ -245,15 +245,16 @@ def build_svhn_cropped(source, data_dir=None, overwrite=False):
   train_32x32.mat -> train, test_32x32.mat -> test, extra_32x32.mat -> extra (skipped, with a
   warning, when absent). Returns a read-only builder; a build is reused unless `overwrite`.
   """
-  return builders.build_once(SVHN_NAME, SVHN_VERSION, data_dir, overwrite, _write_svhn_cropped, source)
+  return writer.build_once(SVHN_NAME, SVHN_VERSION, data_dir, overwrite, _write_svhn_cropped,
+                           source)
 
 
 def _write_svhn_cropped(data_dir, source):
   files = _svhn_files(source)
   labels = {s: _svhn_labels(path) for s, path in files.items()}  # all checked before writing
-  builders.write(SVHN_NAME, data_dir, _svhn_features(),
-         {s: _svhn_examples(s, path, labels[s]) for s, path in files.items()},
-         f"SVHN cropped digits from {source}, as TFDS' svhn_cropped.", SVHN_VERSION)
+  writer.write(SVHN_NAME, data_dir, _svhn_features(),
+               {s: _svhn_examples(s, path, labels[s]) for s, path in files.items()},
+               f"SVHN cropped digits from {source}, as TFDS' svhn_cropped.", SVHN_VERSION)
   logging.info("Built %s in %s from %s: %s", SVHN_NAME, data_dir, source,
                {s: len(y) for s, y in labels.items()})
 
@@ -312,14 +313,14 @@ def _food101_examples(tar, split, rows):
   bad = []
   for image_name, label, member in sorted(rows, key=lambda row: row[2].offset_data):
     data = tar.extractfile(member).read()
-    why = builders.decode_error(data)
+    why = writer.decode_error(data)
     if why:
       bad.append((member.name, why))
     else:
       yield image_name, {"image": data, "label": label}
   if bad:
     raise BuildError(f"{tar.name}: {len(bad)} of the {len(rows)} {split} images do not decode: "
-                     f"{builders.bad_list(bad)}.")
+                     f"{writer.bad_list(bad)}.")
 
 
 def build_food101(source, data_dir=None, overwrite=False):
@@ -328,16 +329,17 @@ def build_food101(source, data_dir=None, overwrite=False):
   Splits: train (meta/train.txt) and validation (meta/test.txt, as in TFDS). Returns a read-only
   builder; an existing build is reused unless `overwrite`.
   """
-  return builders.build_once(FOOD101_NAME, FOOD101_VERSION, data_dir, overwrite, _write_food101, source)
+  return writer.build_once(FOOD101_NAME, FOOD101_VERSION, data_dir, overwrite, _write_food101,
+                           source)
 
 
 def _write_food101(data_dir, source):
   features = _food101_features()
   with _open_tar(source, "Food-101") as tar:
     rows = _food101_rows(tar, _members(tar), features["label"].names)
-    builders.write(FOOD101_NAME, data_dir, features,
-           {s: _food101_examples(tar, s, split_rows) for s, split_rows in rows.items()},
-           f"Food-101 from {source}, as TFDS' food101.", FOOD101_VERSION)
+    writer.write(FOOD101_NAME, data_dir, features,
+                 {s: _food101_examples(tar, s, split_rows) for s, split_rows in rows.items()},
+                 f"Food-101 from {source}, as TFDS' food101.", FOOD101_VERSION)
   logging.info("Built %s in %s from %s: %s", FOOD101_NAME, data_dir, source,
                {s: len(split_rows) for s, split_rows in rows.items()})
 

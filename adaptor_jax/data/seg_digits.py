@@ -11,7 +11,7 @@ names "background", "0".."9" in the dataset's metadata; built on first use like 
 import numpy as np
 import tensorflow_datasets as tfds
 
-from adaptor_jax.data import builders
+from adaptor_jax.data import builders, writer
 
 NAME, VERSION = "seg_digits", "1.0.0"
 CANVAS, SCALE, PER_CANVAS, INK = 64, 3, 2, 1
@@ -44,19 +44,19 @@ def build(data_dir=None):
   """Prepares `seg_digits` under `data_dir` unless it is there; returns a read-only builder."""
   tfds.display_progress_bar(False)
   try:
-    return builders.build_once(NAME, VERSION, data_dir, False, _write)
+    return writer.build_once(NAME, VERSION, data_dir, False, _write)
   finally:
     tfds.display_progress_bar(True)
 
 
 def _examples(split):
   for n, (image, mask) in enumerate(canvases(split)):
-    yield n, {"image": builders.png(np.repeat(image[:, :, None], 3, axis=2)),
-              "segmentation": builders.png(mask), "file_name": f"{split}_{n:04d}"}
+    yield n, {"image": writer.png(np.repeat(image[:, :, None], 3, axis=2)),
+              "segmentation": writer.png(mask), "file_name": f"{split}_{n:04d}"}
 
 
 def _write(data_dir):
   from adaptor_jax.data import ade20k  # noqa: PLC0415 - the same features
-  builders.write(NAME, data_dir, ade20k.features(), {s: _examples(s) for s in COUNTS},
-                 "scikit-learn's handwritten digits on 64x64 canvases, a class per digit's ink.",
-                 VERSION, metadata=dict(class_names=CLASS_NAMES))
+  writer.write(NAME, data_dir, ade20k.features(), {s: _examples(s) for s in COUNTS},
+               "scikit-learn's handwritten digits on 64x64 canvases, a class per digit's ink.",
+               VERSION, metadata=dict(class_names=CLASS_NAMES))
