@@ -20,10 +20,7 @@ Backends, each with the signature (h, w, b, reach, gamma, scale) -> out:
   pallas_tpu  read_pallas_tpu.learned: phi's product is taken inside the read's kernels, from
               the rows of h they hold in VMEM, and phi's backward inside the read's backward
               kernel, so that neither the logits, nor the locations, nor their gradients reach
-              HBM. A VSS block with Adaptor-T (b2's settings, v5e, batch 32, fwd + bwd, every
-              kernel's bytes counted; benchmarks/README) moves 0.444 GB per image at width 96
-              and 0.223 at 192, where with phi's product and backward by XLA around the read's
-              kernels it moved 0.575 and 0.265 (without the adaptor: 0.386 and 0.185).
+              HBM (what that saves: benchmarks/README.md, adaptor_block.py).
 "auto" picks pallas_tpu on TPU, cpu on the CPU and xla elsewhere ($ADAPTOR_READ_BACKEND overrides
 it, as for memory_read). Under a mesh the call runs once per shard of the batch (per_shard.py).
 """

@@ -10,17 +10,12 @@ With an adaptor the scan runs with C = 1 and D = 0, which for N = 1 returns the 
 Adaptor-T returns C * h' (its read op applies C); the routes' D * u, merged, is (sum_r D_r) * u,
 added once after the merge.
 Adaptor-S acts on the merged y before out_norm. That tail (Adaptor-T, merge, D * u, Adaptor-S) is
-rematerialised in the backward from its inputs h, C (positions last) and the rows sequence of u, all
-kept anyway, the merged y (Adaptor-S's input, a quarter of h), which it keeps so that the read is
-not computed again, and phi's product where XLA takes it (kernels.learned.PHI, the xla path: 2SK
-values per route and position), so that h is not laid out for that product again (a VSS block of width 192 at 28 x 28 with both adaptors, v5e,
-batch 32: 1% fewer bytes, the same temporaries). Without the rematerialisation XLA:TPU keeps route-
-sized tensors of every block from the forward to the backward (a transposed copy of h for phi's
-product, float32 copies, the location tables padded to 8 sublanes): the booster's train step took
-1.54x VMamba-T's temporaries (135 against 88 MB per image, v5e, batch 32) against 1.17x with it.
-Keeping y: b2's first VSS block (v5e, batch 32) accessed 0.84 instead of 0.93 GB per image and held
-59 instead of 86 MB of temporaries. XLA:CPU merges the recomputation with the forward (its CSE runs
-after the barriers are gone), so there it changes nothing.
+rematerialised in the backward from what is kept anyway (h, C positions last, the rows sequence
+of u), plus the merged y (Adaptor-S's input, a quarter of h: the read is not computed again) and
+phi's product where XLA takes it (kernels.learned.PHI: h is not laid out for it again). Without
+it XLA:TPU keeps route-sized tensors of every block from the forward to the backward; what each
+choice saves is measured in benchmarks/README.md ("Design measurements"). XLA:CPU merges the
+recomputation back into the forward, so there it changes nothing.
 """
 import math
 
