@@ -2,7 +2,7 @@
 
   python benchmarks/tpu_fit.py [--models=mamba_adaptor_b2,...] [--chips=v5e,v4,v5p]
       [--batches=32,64,128] [--remat=none,full,matmuls] [--chips_per_slice=4] [--pod=v5e:256]
-      [--image_size=224] [--dtype=bfloat16] [--out=PATH] [--redo]
+      [--image_size=224] [--dtype=bfloat16] [--read_backend=pallas_tpu|xla] [--out=PATH] [--redo]
 
 For every (model, chip, per-chip batch, remat policy) it compiles the real train step
 (adaptor_jax.training.aot.compile_train_step: steps.make_train_step as training builds it, the
@@ -17,10 +17,13 @@ and records from the compiled program, per chip:
   roofline   a bound on training images/s per chip: 1 / max(FLOPs / peak FLOP/s, bytes / HBM
              bandwidth), the chips' published figures (aot.CHIPS); a bound, not a measurement.
 An upernet_* preset compiles the segmentation train step (pixel labels, 150 classes; pass
---image_size=512 for ADE20K's crop). --pod adds one pod-sized row per model: the slice (e.g. v5e:256, a 16x16 v5e) with the mesh
-(data, fsdp) = (chips / 16, 16) at the recipe's global batch of 1024, to check that the step
-compiles and that params and optimizer state are sharded (their bytes per chip against the
-unsharded total).
+--image_size=512 for ADE20K's crop). --read_backend picks the Adaptor-T read's kernels
+(kernels.memory_read / learned_read; it sets $ADAPTOR_READ_BACKEND, which it defaults to:
+"auto" compiles pallas_tpu, the Mosaic kernels, for TPU); each row records it as read_backend,
+and a row key ends in /read_<backend> unless it is pallas_tpu. --pod adds one pod-sized row per
+model: the slice (e.g. v5e:256, a 16x16 v5e) with the mesh (data, fsdp) = (chips / 16, 16) at
+the recipe's global batch of 1024, to check that the step compiles and that params and optimizer
+state are sharded (their bytes per chip against the unsharded total).
 
 Results go into benchmarks/results/tpu-fit.json, one entry per row key; rows already there are
 kept and not compiled again (unless --redo), so a long run can be stopped and continued. A
@@ -37,6 +40,7 @@ from absl import app, flags
 import results_file
 from adaptor_jax.models import registry
 from adaptor_jax.training import aot, config as config_lib
+from kernels import read as read_lib
 
 FLAGS = flags.FLAGS
 MODELS = ["mamba_adaptor_b1", "mamba_adaptor_b2", "vmamba_tiny", "vmamba_small", "vmamba_base",
@@ -50,6 +54,9 @@ flags.DEFINE_string("pod", "", "CHIP:N for the pod rows, e.g. v5e:256; '' for no
 flags.DEFINE_string("pod_remat", "none", "config.remat of the pod rows")
 flags.DEFINE_integer("image_size", 224, "square input side")
 flags.DEFINE_enum("dtype", "bfloat16", config_lib.DTYPES, "compute dtype (config.dtype)")
+flags.DEFINE_enum("read_backend", None, ["auto", "pallas_tpu", "xla"],
+                  "backend of the read kernels (sets $ADAPTOR_READ_BACKEND; default: that "
+                  "variable, else auto, which is pallas_tpu on TPU)")
 flags.DEFINE_string("out", os.path.join(results_file.RESULTS, "tpu-fit.json"),
                     "results file (rows are merged in)")
 flags.DEFINE_bool("redo", False, "compile rows that the results file already has")
@@ -81,7 +88,7 @@ def compile_row(model, chip, chips, mesh, per_chip_batch, remat):
   config = make_config(model, remat, mesh)
   row = dict(model=model, chip=chip, chips=chips, mesh=dict(data=mesh[0], fsdp=mesh[1]),
              per_chip_batch=per_chip_batch, global_batch=per_chip_batch * chips, remat=remat,
-             image_size=FLAGS.image_size, dtype=FLAGS.dtype)
+             image_size=FLAGS.image_size, dtype=FLAGS.dtype, read_backend=read_backend())
   start = time.time()
   try:
     compiled, state = aot.compile_train_step(config, devices, per_chip_batch)
@@ -100,9 +107,16 @@ def compile_row(model, chip, chips, mesh, per_chip_batch, remat):
   return row
 
 
+def read_backend():
+  """The read kernels' backend that the TPU program compiles: pallas_tpu for "auto"."""
+  name = os.environ.get(read_lib.ENV_VAR, "auto")
+  return "pallas_tpu" if name == "auto" else name
+
+
 def row_key(model, chip, chips, mesh, per_chip_batch, remat):
+  read = "" if read_backend() == "pallas_tpu" else f"/read_{read_backend()}"
   return (f"{model}/{chip}x{chips}/data{mesh[0]}_fsdp{mesh[1]}/b{per_chip_batch}/{remat}/"
-          f"{FLAGS.image_size}px/{FLAGS.dtype}")
+          f"{FLAGS.image_size}px/{FLAGS.dtype}{read}")
 
 
 def plan():
@@ -127,7 +141,8 @@ def plan():
 def print_row(row):
   fit = "fits" if row["fits"] else "OOM"
   line = (f"{row['model']:21s} {row['chip']:4s} x{row['chips']:<3d} b{row['per_chip_batch']:<4d} "
-          f"{row['remat']:8s} HBM {row['hbm_gib']:6.2f} / {row['hbm_capacity_gib']:3.0f} GiB "
+          f"{row['remat']:8s} {row.get('read_backend', 'pallas_tpu'):10s} "
+          f"HBM {row['hbm_gib']:6.2f} / {row['hbm_capacity_gib']:3.0f} GiB "
           f"{fit:4s}")
   if row["fits"]:
     line += (f" {row['gflops_per_image']:6.1f} GFLOP/img {row['gbytes_per_image']:7.2f} GB/img "
@@ -137,6 +152,8 @@ def print_row(row):
 
 def main(argv):
   del argv
+  if FLAGS.read_backend:
+    os.environ[read_lib.ENV_VAR] = FLAGS.read_backend
   results = results_file.load(FLAGS.out)
   rows = results["rows"]
   for key, args in plan():

@@ -21,8 +21,8 @@ Backends, each with the signature (h, w, b, reach, gamma, scale) -> out:
               the rows of h they hold in VMEM, and phi's backward inside the read's backward
               kernel, so that neither the logits, nor the locations, nor their gradients reach
               HBM (what that saves: benchmarks/README.md, adaptor_block.py).
-"auto" picks pallas_tpu on TPU, cpu on the CPU and xla elsewhere ($ADAPTOR_READ_BACKEND overrides
-it, as for memory_read). Under a mesh the call runs once per shard of the batch (per_shard.py).
+"auto" picks pallas_tpu on TPU (xla for an image too large for its VMEM), cpu on the CPU and xla
+elsewhere ($ADAPTOR_READ_BACKEND overrides it, as for memory_read). Under a mesh the call runs once per shard of the batch (per_shard.py).
 """
 import jax
 import jax.numpy as jnp

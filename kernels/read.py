@@ -38,9 +38,14 @@ Backends, each with the same signature (h, pos, weight, gamma, scale) -> out:
               serial loop over updates and its row gathers move whole tiles, so on TPU the rows
               are read and accumulated inside VMEM.
 "auto" picks pallas_tpu on TPU, cpu on the CPU and xla elsewhere, inside one jitted function
-(every branch is traced, only the compiled platform's is lowered). Under a mesh the
-call runs once per shard of the batch (per_shard.py).
+(every branch is traced, only the compiled platform's is lowered). On TPU it follows what one
+image needs of a core's VMEM (read_pallas_tpu.fits): the kernels both ways where the backward
+fits (on v5e, b2's widths: images up to 544x544), the kernels' forward with xla's backward where
+only the forward does (up to 800x800: ADE20K's evaluation), xla beyond (the multi-scale test's
+largest views). pallas_tpu asked for by name refuses such an image in one line. Under a mesh
+the call runs once per shard of the batch (per_shard.py).
 """
+import functools
 import os
 
 import jax
@@ -65,16 +70,43 @@ def memory_read(h, pos, weight, gamma=None, scale=None, backend="auto"):
 
 def resolve(backend, backends, op):
   """The function that `backend` names among `backends` (pallas_tpu, cpu and xla by platform
-  for "auto", which $ADAPTOR_READ_BACKEND overrides), or `backend` itself when it is one."""
+  for "auto", which $ADAPTOR_READ_BACKEND overrides; on TPU xla where the image does not fit
+  the kernels' VMEM), or `backend` itself when it is one."""
   if backend == "auto":
     backend = os.environ.get(ENV_VAR, "auto")
   if backend == "auto":
-    return lambda *a: jax.lax.platform_dependent(*a, tpu=backends["pallas_tpu"],
-                                                 cpu=backends["cpu"], default=backends["xla"])
+    def tpu(*args):  # the Mosaic kernels where one image fits a core's VMEM, else XLA's
+      from kernels import read_pallas_tpu  # noqa: PLC0415 - it imports `taps` from here
+      if not read_pallas_tpu.fits(op, *args, backward=False):
+        return backends["xla"](*args)
+      if read_pallas_tpu.fits(op, *args, backward=True):
+        return backends["pallas_tpu"](*args)
+      return _forward_only(backends["pallas_tpu"], backends["xla"], *args)
+    return lambda *a: jax.lax.platform_dependent(*a, tpu=tpu, cpu=backends["cpu"],
+                                                 default=backends["xla"])
   if backend in backends or callable(backend):
     return backends.get(backend, backend)
   raise ValueError(f"{op}: unknown backend {backend!r}; choose 'auto' or one of "
                    f"{sorted(backends)}")
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _forward_only(forward, backward, *args):
+  """forward(*args), differentiated as backward(*args) is: the kernels' forward where only it
+  fits VMEM, XLA's backward (its residuals are the inputs, as the kernels')."""
+  return forward(*args)
+
+
+def _forward_only_fwd(forward, backward, *args):
+  return forward(*args), args
+
+
+def _forward_only_bwd(forward, backward, args, ct):
+  del forward
+  return jax.vjp(backward, *args)[1](ct)
+
+
+_forward_only.defvjp(_forward_only_fwd, _forward_only_bwd)
 
 
 def check(h, pos, weight, gamma, scale, op="memory_read"):

@@ -10,9 +10,13 @@ Layout: h as it comes, (batch, L, G x C) with the G heads side by side in the la
 transpose, and no padding of a head's C channels to 128 lanes). Both kernels run on a grid
 (split, image, L chunk): two halves of the batch (a megacore chip's two cores; one half for an
 odd batch), then their images and chunks in sequence. The image's whole sequence h[b]
-(L, G x C) stays in VMEM across its chunks (cast once to float32 scratch). Per chunk, its
-positions' tables sit in SMEM, where the scalar unit reads them: the location and weight of
-every (point, head), and the scale of every head. Each comes positions last, (rows, chunk), and is one of:
+(L, G x C) stays in VMEM across its chunks, once, as float32 rows: h itself stays in HBM and the
+kernel copies the image in at its first chunk (a bf16 one slab by slab through a small staging
+buffer, each slab cast), so neither a pipelined block of h (two buffers) nor a second,
+uncast copy of it takes VMEM; the backward's dh goes out the same way from its float32
+accumulator. Per chunk, its positions' tables sit in SMEM, where the scalar unit reads them:
+the location and weight of every (point, head), and the scale of every head. Each comes
+positions last, (rows, chunk), and is one of:
 * an argument as it comes (memory_read's pos and weight; the scale): the kernel copies its
   chunk's window of block_l columns (a multiple of 128 lanes) to SMEM, so XLA builds no tables
   and no per-chunk slabs, except one for a ragged last chunk (its columns padded to block_l);
@@ -56,7 +60,10 @@ from kernels import phi_pallas_tpu
 from kernels.read import taps
 
 F32 = jnp.float32
-VMEM_LIMIT_BYTES = 96 * 2**20  # above Mosaic's 16 MiB default when the whole image needs it
+# The most VMEM a kernel may take: 120 of a v5e's (and v6e's) 128 MiB, or less on a chip with
+# less (libtpu's figures per TensorCore: v5p 64 MiB, v4 16 MiB) when it is known while tracing
+# (vmem_limit). Above Mosaic's 16 MiB default when the whole image needs it.
+VMEM_LIMIT_BYTES = 120 * 2**20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,7 +85,7 @@ class _Config:
   channels: int  # C per head
   points: int  # K
   block_l: int
-  cast: bool  # h is not float32: keep a float32 copy of the image in VMEM
+  cast: bool  # h is not float32: its rows are cast to the float32 image in VMEM
   gamma: bool  # out = h + gamma * read (else the read)
   scale: bool  # out *= scale
   interpret: Any
@@ -132,8 +139,15 @@ class _Config:
     return self.n_chunks * self.chunk_lanes if self.phi else self.length
 
   @property
-  def copy(self):  # the image kept in float32 scratch: cast, or padded with zero rows
-    return self.cast or self.rows != self.length
+  def copy(self):  # h and dh move HBM <-> VMEM through staging slabs: cast, or the image
+    return self.cast or self.rows != self.length  # padded with zero rows
+
+  @property
+  def slabs(self):
+    """(rows, count, tail): the staging slab's rows (a multiple of 32, at most 1 MiB of the
+    float32 image), the number of whole slabs in L, and the rows of the last, partial one."""
+    rows = min(self.length, max(32, 2**20 // (4 * self.width) // 32 * 32))
+    return rows, self.length // rows, self.length % rows
 
   @property
   def logits(self):  # phi's outputs per position: (location or weight, point, head)
@@ -271,11 +285,44 @@ def _tables(cfg, pos, weight, scale):
   return out
 
 
+def vmem_limit():
+  """The VMEM a kernel may take: VMEM_LIMIT_BYTES, or 15/16 of the chip's VMEM per TensorCore
+  where that is less and the chip is known while tracing (the context's mesh, e.g. the train
+  step's, or the default device is a TPU): v5p 60 MiB, v4 15 MiB."""
+  try:
+    if pltpu.is_tpu_device():
+      return min(VMEM_LIMIT_BYTES, pltpu.get_tpu_info().vmem_capacity_bytes * 15 // 16)
+  except (ValueError, NotImplementedError):  # a TPU that this jax does not describe
+    pass
+  return VMEM_LIMIT_BYTES
+
+
+def fits(op, h, *args, backward):
+  """Whether `op`'s forward (or backward) kernel ("memory_read": args pos, weight, gamma, scale;
+  "learned_read": w, b, reach, gamma, scale) takes one image of h (batch, L, G, C) within
+  vmem_limit(): the rule of backend "auto" on TPU (kernels/read.py)."""
+  gamma, scale = args[-2:]
+  if op == "memory_read":
+    cfg = _config(h, args[0].shape[1], gamma, scale, None, False)
+  else:
+    R, _, J = args[0].shape
+    cfg = _config(h, J * R // (2 * h.shape[2]), gamma, scale, None, False, routes=R)
+  return _vmem_bytes(cfg, jnp.dtype(h.dtype).itemsize, backward) <= vmem_limit()
+
+
 def _vmem_bytes(cfg, itemsize, backward):
-  """Double-buffered blocks plus scratch, with Mosaic's (8, 128) padding."""
-  pad = lambda rows, lanes, size=4: pl.cdiv(rows, 8) * 8 * pl.cdiv(lanes, 128) * 128 * size
+  """VMEM of the kernel's blocks and scratch in Mosaic's tiles (8 rows of 32-bit words, 16 of
+  16-bit ones, by 128 lanes). A block is double-buffered unless every grid step takes the same
+  one (gamma, W, b, reach: one buffer). h and dh stay in HBM (memory space ANY): the kernel
+  moves them (through the staging slabs when cfg.copy), so the image is in VMEM once as float32
+  rows (and once more for dh's accumulator in the backward)."""
+  def pad(rows, lanes, size=4):
+    tile = 8 * 4 // size
+    return pl.cdiv(rows, tile) * tile * pl.cdiv(lanes, 128) * 128 * size
   image, chunk = pad(cfg.rows, cfg.width), pad(cfg.chunk_lanes, cfg.width)
-  image_in = pad(cfg.length, cfg.width, itemsize)
+  slab, _, tail = cfg.slabs
+  staging = cfg.copy * (pad(slab, cfg.width, itemsize) + (tail > 0) * pad(tail, cfg.width,
+                                                                          itemsize))
   chunk_in = pad(cfg.block_l, cfg.width, itemsize)
   row = pad(1, cfg.width)
   phi = 0
@@ -283,26 +330,26 @@ def _vmem_bytes(cfg, itemsize, backward):
     # backward also d W and d b (blocks and scratch), the reach factors and d logits
     w, col = pad(cfg.logits, cfg.route_window[0]), pad(cfg.logits, 1)
     tables = pad(cfg.logits, cfg.chunk_lanes)
-    phi = 2 * (w + 2 * col) + 2 * tables + backward * (3 * (w + col) + 2 * tables + chunk)
-  if backward:  # h and dh blocks, the d out chunk, the dots block, gamma and d gamma rows;
-    # f32 copy, dh, d out, dots and d gamma scratch
+    phi = w + 2 * col + 2 * tables + backward * (3 * (w + col) + 2 * tables + chunk)
+  if backward:  # the d out chunk, dots and d gamma blocks, the gamma row; the float32 image,
+    # dh, d out, dots and d gamma scratch
     dots = pad(cfg.dot_lanes, cfg.chunk_lanes)
-    return (2 * (2 * image_in + chunk_in + dots + 2 * row) + image * (1 + cfg.copy) + chunk
+    return (2 * (chunk_in + dots + row) + row + 2 * image + staging + chunk
             + pad(*cfg.dots_tile) + row + phi)
-  return 2 * (image_in + chunk_in + row) + image * cfg.copy + chunk + phi
+  return 2 * chunk_in + row + image + staging + chunk + phi
 
 
 def _call(cfg, kernel, name, out_shape, in_specs, out_specs, scratch, tables, args, backward):
-  need = _vmem_bytes(cfg, args[0].dtype.itemsize, backward)
-  if need > VMEM_LIMIT_BYTES:
+  need, limit = _vmem_bytes(cfg, args[0].dtype.itemsize, backward), vmem_limit()
+  if need > limit:
     raise ValueError(f"{name.rsplit('_', 1)[0]} pallas_tpu: an image of L={cfg.length} x "
                      f"G*C={cfg.width} needs {need / 2**20:.0f} MiB of VMEM (limit "
-                     f"{VMEM_LIMIT_BYTES / 2**20:.0f} MiB); use backend='xla'")
+                     f"{limit / 2**20:.0f} MiB); use backend='xla'")
   # the locations and weights: one table of phi's rows, or the two arguments'; the scale's
   smem = ([pltpu.SMEM((cfg.logits, cfg.chunk_lanes), F32)] if cfg.phi else
           [pltpu.SMEM((cfg.logits // 2, cfg.block_l), F32)] * 2)
   smem += [pltpu.SMEM((cfg.heads, cfg.block_l), F32)] * cfg.scale
-  scratch = scratch + smem + [pltpu.SemaphoreType.DMA((3,))]
+  scratch = scratch + smem + [pltpu.SemaphoreType.DMA((3,))]  # tables (and image) copies
   present = [a for a in args if a is not None]
   specs = [s for a, s in zip(args, in_specs) if a is not None]
   outs = out_shape if isinstance(out_shape, list) else [out_shape]
@@ -315,7 +362,8 @@ def _call(cfg, kernel, name, out_shape, in_specs, out_specs, scratch, tables, ar
       cost_estimate=pl.CostEstimate(**_work(cfg, backward), bytes_accessed=nbytes),
       compiler_params=pltpu.CompilerParams(
           dimension_semantics=("parallel", "arbitrary", "arbitrary"),
-          vmem_limit_bytes=max(need * 5 // 4, 16 * 2**20) if need > 12 * 2**20 else None),
+          vmem_limit_bytes=min(max(need * 5 // 4, 16 * 2**20), max(limit, 16 * 2**20))
+          if need > 12 * 2**20 else None),
   )(*tables, *present)
 
 
@@ -347,7 +395,7 @@ def _ids(cfg):
 
 
 def _specs(cfg):
-  image = _spec(cfg, (None, cfg.length, cfg.width), lambda b, c: (b, 0, 0))
+  image = pl.BlockSpec(memory_space=pl.ANY)  # h, dh: the kernel moves them (_image_f32, _put_dh)
   chunk = _spec(cfg, (None, cfg.block_l, cfg.width), lambda b, c: (b, c, 0))
   row = _spec(cfg, (1, cfg.width), lambda b, c: (0, 0))
   return image, chunk, row
@@ -389,20 +437,79 @@ def _load_tables(cfg, hbm_refs, smem, sem):
   pl.when(c == cfg.n_chunks - 1)(lambda: copy([t.at[b] for t in tails], smem))
 
 
-def _image_f32(cfg, h_ref, hf_s):
-  """The image as float32 rows that a dynamic index can address (bf16 rows are packed), with
-  zero rows up to whole chunks when phi reads them."""
-  if not cfg.copy:
-    return h_ref
+def _image_f32(cfg, h_hbm, hf_s, stage, sem):
+  """At the image's first chunk, its rows h[b] from HBM into hf_s: float32 rows that a dynamic
+  index can address (bf16 rows are packed), with zero rows up to whole chunks when phi reads
+  them. A float32 image of L rows is copied whole; else slab by slab through `stage` (h's
+  dtype), each cast into hf_s. The image is in VMEM once (a block of h would be twice, the
+  pipeline's two buffers, and a cast image a third time)."""
+  b = _ids(cfg)[0]
 
   @pl.when(_ids(cfg)[1] == 0)
   def _():
-    hf_s[pl.ds(0, cfg.length), :] = h_ref[...].astype(F32)
+    if not cfg.copy:
+      _dma(h_hbm.at[b], hf_s, sem)
+      return
+
+    def get(rows, buf):
+      _dma(h_hbm.at[b, rows], buf, sem)
+      hf_s[rows, :] = buf[...].astype(F32)
+
+    _by_slabs(cfg, stage, get)
     if cfg.rows > cfg.length:
       hf_s[pl.ds(cfg.length, cfg.rows - cfg.length), :] = jnp.zeros(
           (cfg.rows - cfg.length, cfg.width), F32)
 
   return hf_s
+
+
+def _put_dh(cfg, dh_s, dh_hbm, stage, sem):
+  """The image's dh (float32 rows of dh_s) to HBM: whole, or slab by slab cast into `stage`
+  (dh's dtype), as _image_f32 brought h in."""
+  b = _ids(cfg)[0]
+  if not cfg.copy:
+    _dma(dh_s, dh_hbm.at[b], sem)
+    return
+
+  def put(rows, buf):
+    buf[...] = dh_s[rows, :].astype(buf.dtype)
+    _dma(buf, dh_hbm.at[b, rows], sem)
+
+  _by_slabs(cfg, stage, put)
+
+
+def _by_slabs(cfg, stage, move):
+  """move(rows, buffer) for the image's whole slabs of rows (a loop), then its partial last
+  one (static), each with its staging buffer."""
+  rows, count, tail = cfg.slabs
+
+  def whole(i, carry):
+    move(pl.ds(pl.multiple_of(i * rows, 32), rows), stage[0])
+    return carry
+
+  if count == 1:
+    move(pl.ds(0, rows), stage[0])
+  else:
+    jax.lax.fori_loop(0, count, whole, 0)
+  if tail:
+    move(pl.ds(count * rows, tail), stage[1])
+
+
+def _dma(src, dst, sem):
+  """A copy HBM <-> VMEM, waited on (the tables' semaphore 0: every copy is waited on)."""
+  cp = pltpu.make_async_copy(src, dst, sem.at[0])
+  cp.start()
+  cp.wait()
+
+
+def _staging(cfg, dtype):
+  """The staging slabs of h's dtype (cfg.copy): a whole one and, where L ends in a partial
+  one, one of its rows."""
+  if not cfg.copy:
+    return []
+  rows, _, tail = cfg.slabs
+  return [pltpu.VMEM((rows, cfg.width), dtype)] + [pltpu.VMEM((tail, cfg.width), dtype)] * (
+      tail > 0)
 
 
 def _chunk_start(cfg):
@@ -457,10 +564,10 @@ def _split(cfg, refs, present):
 
 def _forward(cfg, tables, h_BLW, gamma_row, phi=(None, None, None)):
   image, chunk, row = _specs(cfg)
-  scratch = ([pltpu.VMEM((cfg.rows, cfg.width), F32)] if cfg.copy else []) + [
-      pltpu.VMEM((cfg.block_l, cfg.width), F32)]
+  scratch = [pltpu.VMEM((cfg.rows, cfg.width), F32), pltpu.VMEM((cfg.block_l, cfg.width), F32)]
   if cfg.phi:
     scratch.append(pltpu.VMEM((cfg.logits, cfg.chunk_lanes), F32))
+  scratch += _staging(cfg, h_BLW.dtype)
   return _call(cfg, _fwd_kernel, _name(cfg, "fwd"),
                jax.ShapeDtypeStruct(h_BLW.shape, h_BLW.dtype), [image, row] + _phi_specs(cfg),
                chunk, scratch, tables, [h_BLW, gamma_row, *phi], backward=False)
@@ -469,12 +576,11 @@ def _forward(cfg, tables, h_BLW, gamma_row, phi=(None, None, None)):
 def _fwd_kernel(cfg, *refs):
   tables_hbm, (h_ref, gamma_ref, *phi_refs), rest = _split(
       cfg, refs, (True, cfg.gamma) + (cfg.phi,) * 3)
-  o_ref, *rest = rest
-  hf_s = rest.pop(0) if cfg.copy else None
-  out_s = rest.pop(0)
+  o_ref, hf_s, out_s, *rest = rest
   tab_v = rest.pop(0) if cfg.phi else None
+  stage = [rest.pop(0) for _ in _staging(cfg, F32)]
   tables_s, sem = rest[:-1], rest[-1]
-  hf = _image_f32(cfg, h_ref, hf_s)
+  hf = _image_f32(cfg, h_ref, hf_s, stage, sem)
   _load_tables(cfg, tables_hbm, tables_s, sem)
   if cfg.phi:
     phi_pallas_tpu.tables(cfg, hf, _chunk_start(cfg), phi_refs, tab_v, tables_s, sem)
@@ -518,8 +624,9 @@ def _backward(cfg, tables, h_BLW, dout_BLW, gamma_row, phi=(None, None, None)):
   elif cfg.scale:
     outs["dots"] = per_chunk(cfg.heads, cfg.chunk_lanes)
   outs["dgamma"] = per_split(1, cfg.width)
-  scratch = ([pltpu.VMEM((cfg.rows, cfg.width), F32)] if cfg.copy else []) + [
-      pltpu.VMEM((cfg.rows, cfg.width), F32), pltpu.VMEM((cfg.block_l, cfg.width), F32),
+  scratch = [
+      pltpu.VMEM((cfg.rows, cfg.width), F32), pltpu.VMEM((cfg.rows, cfg.width), F32),
+      pltpu.VMEM((cfg.block_l, cfg.width), F32),
       pltpu.VMEM(cfg.dots_tile, F32), pltpu.VMEM((1, cfg.width), F32)]
   if cfg.phi:
     w_shape = (cfg.routes, cfg.route_rows, cfg.route_window[0])
@@ -527,6 +634,7 @@ def _backward(cfg, tables, h_BLW, dout_BLW, gamma_row, phi=(None, None, None)):
     scratch += [pltpu.VMEM((cfg.logits, cfg.chunk_lanes), F32),
                 pltpu.VMEM((cfg.logits // 2, cfg.chunk_lanes), F32),
                 pltpu.VMEM(w_shape, F32), pltpu.VMEM((cfg.logits, 1), F32)]
+  scratch += _staging(cfg, h_BLW.dtype)  # h in, then dh out
   shapes, specs = zip(*outs.values())
   got = _call(cfg, _bwd_kernel, _name(cfg, "bwd"), list(shapes),
               [image, chunk, row] + _phi_specs(cfg), list(specs), scratch, tables,
@@ -541,14 +649,14 @@ def _bwd_kernel(cfg, *refs):
   dots_ref = rest.pop(0) if not cfg.phi or cfg.scale else None
   dgamma_ref = rest.pop(0)
   dw_ref, db_ref = (rest.pop(0), rest.pop(0)) if cfg.phi else (None, None)
-  hf_s = rest.pop(0) if cfg.copy else None
-  dh_s, dout_s, dots_s, dgamma_s = rest[:4]
-  rest = rest[4:]
+  hf_s, dh_s, dout_s, dots_s, dgamma_s = rest[:5]
+  rest = rest[5:]
   phi_s = rest[:4] if cfg.phi else None  # tables, reach factors, d W, d b
   rest = rest[4 * cfg.phi:]
+  stage = [rest.pop(0) for _ in _staging(cfg, F32)]
   tables_s, sem = rest[:-1], rest[-1]
   j, c = pl.program_id(1), _ids(cfg)[1]
-  hf = _image_f32(cfg, h_ref, hf_s)
+  hf = _image_f32(cfg, h_ref, hf_s, stage, sem)
   _load_tables(cfg, tables_hbm, tables_s, sem)
   if cfg.phi:
     phi_pallas_tpu.tables(cfg, hf, _chunk_start(cfg), phi_refs, phi_s[0], tables_s, sem,
@@ -616,7 +724,7 @@ def _bwd_kernel(cfg, *refs):
 
   @pl.when(c == cfg.n_chunks - 1)
   def _():
-    dh_ref[...] = dh_s[pl.ds(0, cfg.length), :].astype(dh_ref.dtype)
+    _put_dh(cfg, dh_s, dh_ref, stage, sem)
 
   @pl.when((j == cfg.per_split - 1) & (c == cfg.n_chunks - 1))
   def _():

@@ -242,14 +242,68 @@ def test_bad_arguments_are_named(bad, match):
     kernels.memory_read(*bad(*make_inputs(0, gamma=True, scale=True)))
 
 
+def test_auto_backend_on_tpu_follows_what_an_image_needs_of_vmem():
+  """backend "auto" on TPU, in both ops: the Mosaic kernels both ways where one image fits a
+  core's VMEM in the backward; their forward with XLA's backward where only the forward fits;
+  XLA's gathers where neither does."""
+  def exported(length):
+    h = jax.ShapeDtypeStruct((1, length, 1, 128), jnp.float32)
+    p = jax.ShapeDtypeStruct((1, 4, 1, length), jnp.float32)
+    w = jax.ShapeDtypeStruct((1, 128, 8), jnp.float32)
+    b, reach = jax.ShapeDtypeStruct((1, 8), jnp.float32), jax.ShapeDtypeStruct((1,), jnp.float32)
+    read_loss = lambda *a: jnp.sum(kernels.memory_read(*a))
+    learned_loss = lambda *a: jnp.sum(kernels.learned_read(*a))
+    return [jax.export.export(jax.jit(jax.value_and_grad(f)), platforms=["tpu"])(
+        *a).mlir_module()
+            for f, a in ((read_loss, (h, p, p)), (learned_loss, (h, w, b, reach)))]
+  small, medium, large = exported(4096), exported(150_000), exported(300_000)
+  for op, texts in zip(("memory_read", "learned_read"), zip(small, medium, large)):
+    assert f"{op}_fwd" in texts[0] and f"{op}_bwd" in texts[0]
+    assert f"{op}_fwd" in texts[1] and f"{op}_bwd" not in texts[1]  # 73 MiB of float32 rows
+    assert "tpu_custom_call" not in texts[2]  # 146 MiB
+
+
+def test_forward_only_is_the_kernels_forward_with_xlas_backward():
+  """What "auto" runs where only the forward fits: the kernels' values, xla's gradients."""
+  args = make_inputs(3, gamma=True, scale=True)
+  kernel = functools.partial(read.pallas_tpu, interpret=INTERPRET)
+  mixed = lambda *a: jnp.sum(jnp.sin(read._forward_only(kernel, read.xla, *a)))
+  plain = lambda *a: jnp.sum(jnp.sin(read.xla(*a)))
+  (value, grads), (want, want_grads) = (jax.value_and_grad(f, argnums=range(5))(*args)
+                                        for f in (mixed, plain))
+  assert rel_err(value, want) <= FWD_TOL
+  for got, ref in zip(grads, want_grads):  # the cotangent is cos of each one's output
+    assert rel_err(got, ref) <= GRAD_TOL
+
+
 def test_pallas_block_and_vmem_limits_are_named():
   h, pos, weight = make_inputs(0, length=64)
   with pytest.raises(ValueError, match="block_l=12 must be a multiple of 128"):
     read.pallas_tpu(h, pos, weight, interpret=INTERPRET, block_l=12)
-  big = jax.ShapeDtypeStruct((1, 200_000, 1, 128), jnp.float32)
-  p = jax.ShapeDtypeStruct((1, 4, 1, 200_000), jnp.float32)
+  big = jax.ShapeDtypeStruct((1, 300_000, 1, 128), jnp.float32)  # 146 MiB of float32 rows
+  p = jax.ShapeDtypeStruct((1, 4, 1, 300_000), jnp.float32)
   with pytest.raises(ValueError, match="MiB of VMEM"):
     jax.eval_shape(lambda *a: read.pallas_tpu(*a), big, p, p)
+
+
+@pytest.mark.parametrize("chip, mib", [("v5e", 120), ("v5p", 60), ("v4", 15)])
+def test_vmem_limit_follows_the_chip_of_the_mesh(chip, mib):
+  """Under a mesh of TPU chips (as the train step traces the kernels) the limit is 15/16 of the
+  chip's VMEM per core, at most VMEM_LIMIT_BYTES; without a TPU in sight, VMEM_LIMIT_BYTES. An
+  image that fits v5e but not v4 is refused by name on v4."""
+  assert read_pallas_tpu.vmem_limit() == read_pallas_tpu.VMEM_LIMIT_BYTES == 120 * 2**20
+  devices = aot.topology_devices(chip, aot.CHIPS[chip].slice_shape(1))
+  mesh = jax.sharding.Mesh(np.array(devices), ("data",))
+  h = jax.ShapeDtypeStruct((1, 3136, 16, 48), jnp.bfloat16)  # b2's stage 1 at 224
+  p = jax.ShapeDtypeStruct((1, 4, 16, 3136), jnp.float32)
+  with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+    assert read_pallas_tpu.vmem_limit() == mib * 2**20
+    backward = jax.grad(lambda h, p, w: read.pallas_tpu(h, p, w).astype(jnp.float32).sum())
+    if chip == "v4":
+      with pytest.raises(ValueError, match=r"needs 2\d MiB of VMEM \(limit 15 MiB\)"):
+        jax.eval_shape(backward, h, p, p)
+    else:
+      jax.eval_shape(backward, h, p, p)
 
 
 # ---------------------------------------------------------------------------------------------
