@@ -15,8 +15,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 import kernels
-from adaptor_jax.training import aot
-from kernels import pallas_tpu
+from kernels import deviceless, pallas_tpu
 from scan_cases import (MODEL_SHAPES, check_against_reference, check_unit_readout, export_args,
                         largest_tensor, make_inputs)
 
@@ -151,11 +150,11 @@ def test_auto_backend_exports_the_mosaic_kernels_for_tpu():
 @functools.cache
 def one_chip(chip):
   return jax.sharding.SingleDeviceSharding(
-      aot.topology_devices(chip, aot.CHIPS[chip].slice_shape(1))[0])
+      deviceless.topology_devices(chip, deviceless.CHIPS[chip].slice_shape(1))[0])
 
 
 @pytest.mark.usefixtures("full_optimizations")
-@pytest.mark.parametrize("chip", sorted(aot.CHIPS))
+@pytest.mark.parametrize("chip", sorted(deviceless.CHIPS))
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("name", MODEL_SHAPES)
 def test_compiles_for_tpu_chips(name, dtype, chip):
@@ -173,13 +172,14 @@ def test_compiles_for_tpu_chips(name, dtype, chip):
 
   fwd = jax.jit(scan).lower(*args).compile()
   bwd = jax.jit(jax.grad(loss, argnums=tuple(range(8)))).lower(*args).compile()
-  assert aot.custom_calls(fwd, "selective_scan_fwd")
-  assert aot.custom_calls(bwd, "selective_scan_fwd") and aot.custom_calls(bwd, "selective_scan_bwd")
+  assert deviceless.custom_calls(fwd, "selective_scan_fwd")
+  assert deviceless.custom_calls(bwd, "selective_scan_fwd")
+  assert deviceless.custom_calls(bwd, "selective_scan_bwd")
   batch, length, d_inner, _, n_state = shape
   moved = 2 * batch * length * d_inner * jnp.dtype(dtype).itemsize  # u and y at least
-  assert aot.cost(fwd)["bytes"] >= moved and aot.cost(bwd)["bytes"] >= 2 * moved
+  assert deviceless.cost(fwd)["bytes"] >= moved and deviceless.cost(bwd)["bytes"] >= 2 * moved
   states = batch * length * d_inner * n_state * 4
-  temps = aot.memory(bwd)["temporaries"]
+  temps = deviceless.memory(bwd)["temporaries"]
   print(f"\n{name} {jnp.dtype(dtype).name} {chip}: fwd+bwd temporaries {temps / 2**20:.1f} MiB, "
         f"states {states / 2**20:.1f} MiB")
   if n_state > 1:

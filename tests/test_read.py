@@ -16,8 +16,7 @@ import pytest
 from jax.experimental.pallas import tpu as pltpu
 
 import kernels
-from adaptor_jax.training import aot
-from kernels import read, read_pallas_tpu
+from kernels import deviceless, read, read_pallas_tpu
 from scan_cases import rel_err
 
 INTERPRET = pltpu.InterpretParams(detect_races=True, out_of_bounds_reads="uninitialized")
@@ -292,7 +291,7 @@ def test_vmem_limit_follows_the_chip_of_the_mesh(chip, mib):
   chip's VMEM per core, at most VMEM_LIMIT_BYTES; without a TPU in sight, VMEM_LIMIT_BYTES. An
   image that fits v5e but not v4 is refused by name on v4."""
   assert read_pallas_tpu.vmem_limit() == read_pallas_tpu.VMEM_LIMIT_BYTES == 120 * 2**20
-  devices = aot.topology_devices(chip, aot.CHIPS[chip].slice_shape(1))
+  devices = deviceless.topology_devices(chip, deviceless.CHIPS[chip].slice_shape(1))
   mesh = jax.sharding.Mesh(np.array(devices), ("data",))
   h = jax.ShapeDtypeStruct((1, 3136, 16, 48), jnp.bfloat16)  # b2's stage 1 at 224
   p = jax.ShapeDtypeStruct((1, 4, 16, 3136), jnp.float32)
@@ -323,7 +322,7 @@ def test_compiles_for_a_tpu_chip(name, dtype):
   at the model shapes, call the kernels, and hold no temporary near the size of the 2K taps."""
   L, G, C = MODEL_SHAPES[name]
   batch, K = 2, 4
-  device = jax.sharding.SingleDeviceSharding(aot.topology_devices("v5e", (1, 1))[0])
+  device = jax.sharding.SingleDeviceSharding(deviceless.topology_devices("v5e", (1, 1))[0])
   spec = lambda shape, dt=jnp.float32: jax.ShapeDtypeStruct(shape, dt, sharding=device)
   args = (spec((batch, L, G, C), dtype), spec((batch, K, G, L)), spec((batch, K, G, L)),
           spec((G, C)), spec((batch, G, L)))
@@ -331,10 +330,10 @@ def test_compiles_for_a_tpu_chip(name, dtype):
   loss = lambda *a: jnp.sum(op(*a).astype(jnp.float32) ** 2)
   fwd = jax.jit(op).lower(*args).compile()
   bwd = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4))).lower(*args).compile()
-  assert aot.custom_calls(fwd, "memory_read_fwd")
-  assert aot.custom_calls(bwd, "memory_read_bwd")
+  assert deviceless.custom_calls(fwd, "memory_read_fwd")
+  assert deviceless.custom_calls(bwd, "memory_read_bwd")
   tap_bytes = batch * L * G * 2 * K * C * jnp.dtype(dtype).itemsize
-  temps = aot.memory(bwd)["temporaries"]
+  temps = deviceless.memory(bwd)["temporaries"]
   print(f"\n{name} {jnp.dtype(dtype).name}: fwd+bwd temporaries {temps / 2**20:.1f} MiB, "
         f"the taps would be {tap_bytes / 2**20:.1f} MiB")
   assert temps < tap_bytes / 4

@@ -10,79 +10,20 @@ it is rented (benchmarks/tpu_fit.py).
   report(compiled, "v5e", per_chip_batch=32)
 
 TPU programs are compiled only; nothing here runs on a TPU, so several processes may load
-libtpu at once ($ALLOW_MULTIPLE_LIBTPU_LOAD, set here unless the caller set it).
+libtpu at once ($ALLOW_MULTIPLE_LIBTPU_LOAD, set by kernels/deviceless.py unless the caller set
+it).
 """
-import dataclasses
-import importlib.util
 import math
-import os
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 
 from adaptor_jax.training import config as config_lib, optimizer, sharding, steps, tasks
-
-
-@dataclasses.dataclass(frozen=True)
-class Chip:
-  """A TPU chip's published figures (Google Cloud's system architecture pages)."""
-  name: str
-  hbm_gib: float        # HBM per chip
-  bf16_tflops: float    # peak dense bf16 FLOP/s, in 1e12
-  hbm_gbps: float       # HBM bandwidth, in 1e9 bytes/s
-  chip_config: str      # libtpu's chip configuration: "megacore" joins a chip's two TensorCores
-  torus_dims: int       # 2 (v5e's 2-D torus) or 3
-
-  def topology(self, shape):
-    """libtpu's topology name of a slice of this chip, e.g. (2, 2) -> "v5e:2x2"."""
-    return f"{self.name}:{'x'.join(map(str, shape))}"
-
-  def slice_shape(self, chips):
-    """The slice shape of `chips` chips (1, 4, 8, 16...): (2, 2) or (2, 2, 1) for 4."""
-    shape = [1] * self.torus_dims
-    i = 0
-    while chips > 1:
-      if chips % 2:
-        raise ValueError(f"{self.name}: slices have a power-of-two number of chips, "
-                         f"got {chips}")
-      shape[i % self.torus_dims] *= 2
-      chips //= 2
-      i += 1
-    return tuple(shape)
-
-
-CHIPS = {
-    "v5e": Chip("v5e", 16, 197, 819, "default", 2),
-    "v4": Chip("v4", 32, 275, 1228, "megacore", 3),
-    "v5p": Chip("v5p", 95, 459, 2765, "megacore", 3),
-}
-
-
-def topology_devices(chip, shape):
-  """The devices of a `shape` slice of `chip` ("v5e", "v4", "v5p"), e.g. shape (2, 2), (1, 1,
-  1) or CHIPS[chip].slice_shape(n), one device per chip. Raises ValueError when libtpu is
-  missing or does not know the topology."""
-  if importlib.util.find_spec("libtpu") is None:
-    raise ValueError("compiling for TPU needs libtpu: pip install -c constraints.txt -e "
-                     "'.[tpu-aot]'")
-  os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")  # no metadata server: this is not a TPU VM
-  # Compile-only processes never own a TPU: let several of them load libtpu at once.
-  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-  from jax.experimental import topologies  # noqa: PLC0415 - needs libtpu only when called
-  spec = CHIPS[chip]
-  chips = 1
-  for n in shape:
-    chips *= n
-  kwargs = dict(chip_config_name=spec.chip_config)
-  if chips < 4:  # libtpu's default host holds 2x2x1 chips; smaller slices are one small host
-    kwargs["chips_per_host_bounds"] = tuple(shape) + (1,) * (3 - len(shape))
-  try:
-    topo = topologies.get_topology_desc(topology_name=spec.topology(shape), platform="tpu",
-                                        **kwargs)
-  except (RuntimeError, ValueError) as e:  # jax's JaxRuntimeError is a RuntimeError
-    raise ValueError(f"TPU topology {spec.topology(shape)} ({kwargs}): {e}") from e
-  return topo.devices
+# The chips, their slices' devices and what a compiled program reports live with the kernels,
+# whose tests compile them too; they are part of this module's API.
+from kernels.deviceless import (CHIPS, Chip, cost, custom_calls, memory,  # noqa: F401
+                                topology_devices)
 
 
 def abstract_batch(config, global_batch, mesh):
@@ -137,24 +78,6 @@ def state_bytes(state):
   return whole, per_device
 
 
-def memory(compiled):
-  """Bytes per device of a compiled program: arguments, outputs, temporaries, aliases, and the
-  total HBM it needs (arguments + temporaries + outputs - aliases)."""
-  m = compiled.memory_analysis()
-  out = dict(arguments=m.argument_size_in_bytes, outputs=m.output_size_in_bytes,
-             temporaries=m.temp_size_in_bytes, aliases=m.alias_size_in_bytes,
-             code=m.generated_code_size_in_bytes)
-  out["hbm"] = out["arguments"] + out["temporaries"] + out["outputs"] - out["aliases"]
-  return out
-
-
-def cost(compiled):
-  """FLOPs and bytes accessed per device of a compiled program (XLA's cost analysis)."""
-  c = compiled.cost_analysis()
-  c = c[0] if isinstance(c, (list, tuple)) else c
-  return dict(flops=float(c.get("flops", 0.0)), bytes=float(c.get("bytes accessed", 0.0)))
-
-
 def report(compiled, chip, per_chip_batch):
   """One row of the fit table: HBM per chip against the chip's capacity, FLOPs and bytes per
   image, and the roofline bound on training images/s per chip."""
@@ -170,10 +93,3 @@ def report(compiled, chip, per_chip_batch):
               roofline_images_per_s=bound,
               bound_by="flops" if flops / spec.bf16_tflops / 1e12 >= nbytes / spec.hbm_gbps / 1e9
               else "memory")
-
-
-def custom_calls(compiled, name):
-  """The lines of the compiled (optimized) HLO that call the kernel `name` (e.g.
-  "selective_scan_fwd"), with their operand shapes: per-shard shapes mean per-shard calls."""
-  return [line.strip() for line in compiled.as_text().splitlines()
-          if "custom-call" in line and name in line]
