@@ -109,7 +109,7 @@ def _xla_phi(h, w, b, reach):
 
 def pallas_tpu(h, w, b, reach, gamma=None, scale=None, **kwargs):
   """The Mosaic kernels (read_pallas_tpu.learned; kwargs: interpret, block_l)."""
-  from kernels import read_pallas_tpu  # noqa: PLC0415 - it imports from read
+  from kernels import read_pallas_tpu  # noqa: PLC0415 - Mosaic, only for TPU
   return read_pallas_tpu.learned(h, w, b, reach, gamma, scale, **kwargs)
 
 

@@ -51,9 +51,9 @@ import os
 import jax
 import jax.numpy as jnp
 
+from kernels.common import F32, taps  # noqa: F401 - taps: read.taps, part of the API
 from kernels.per_shard import per_shard
 
-F32 = jnp.float32
 ENV_VAR = "ADAPTOR_READ_BACKEND"  # overrides backend="auto" for every call in the process
 
 
@@ -76,7 +76,7 @@ def resolve(backend, backends, op):
     backend = os.environ.get(ENV_VAR, "auto")
   if backend == "auto":
     def tpu(*args):  # the Mosaic kernels where one image fits a core's VMEM, else XLA's
-      from kernels import read_pallas_tpu  # noqa: PLC0415 - it imports `taps` from here
+      from kernels import read_pallas_tpu  # noqa: PLC0415 - Mosaic, only for TPU
       if not read_pallas_tpu.fits(op, *args, backward=False):
         return backends["xla"](*args)
       if read_pallas_tpu.fits(op, *args, backward=True):
@@ -134,14 +134,6 @@ def check(h, pos, weight, gamma, scale, op="memory_read"):
   for name, x in (("h", h), ("pos", pos), ("weight", weight), ("gamma", gamma), ("scale", scale)):
     if x is not None and not jnp.issubdtype(x.dtype, jnp.floating):
       fail(f"{name} must be floating point, got {x.dtype}")
-
-
-def taps(pos, length):
-  """(p0, p1, f) of every location: the two rows read (int32, clamped to [0, L-1]) and the
-  fraction of the second one."""
-  floor = jnp.floor(pos)
-  p0 = jnp.clip(floor, 0, length - 1).astype(jnp.int32)
-  return p0, jnp.minimum(p0 + 1, length - 1), pos - floor
 
 
 def positions_first(x):
@@ -271,13 +263,13 @@ _xla.defvjp(_xla_fwd, _xla_bwd)
 
 def cpu(h, pos, weight, gamma=None, scale=None):
   """The XLA:CPU kernels (read_cpu.cpu)."""
-  from kernels import read_cpu  # noqa: PLC0415 - it imports F32 from here
+  from kernels import read_cpu  # noqa: PLC0415 - built by setup.py; loaded when called
   return read_cpu.cpu(h, pos, weight, gamma, scale)
 
 
 def pallas_tpu(h, pos, weight, gamma=None, scale=None, **kwargs):
   """The Mosaic kernels (read_pallas_tpu.read; kwargs: interpret, block_l)."""
-  from kernels import read_pallas_tpu  # noqa: PLC0415 - it imports `taps` from here
+  from kernels import read_pallas_tpu  # noqa: PLC0415 - Mosaic, only for TPU
   return read_pallas_tpu.read(h, pos, weight, gamma, scale, **kwargs)
 
 

@@ -12,7 +12,7 @@ import importlib.util
 import jax
 import jax.numpy as jnp
 
-from kernels.read import F32
+from kernels.common import F32
 
 LIBRARY = "kernels._read_cpu"
 TARGETS = {"adaptor_read_fwd": "AdaptorReadForward", "adaptor_read_bwd": "AdaptorReadBackward"}

@@ -57,9 +57,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from kernels import phi_pallas_tpu
-from kernels.read import taps
+from kernels.common import F32, taps
 
-F32 = jnp.float32
 # The most VMEM a kernel may take: 120 of a v5e's (and v6e's) 128 MiB, or less on a chip with
 # less (libtpu's figures per TensorCore: v5p 64 MiB, v4 16 MiB) when it is known while tracing
 # (vmem_limit). Above Mosaic's 16 MiB default when the whole image needs it.
