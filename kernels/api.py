@@ -5,12 +5,10 @@ Every backend module exposes the same function,
     -> (y (batch, L, D) in u.dtype, last state (batch, D, N) float32)
 with D and delta_bias already filled in (zeros when the caller gave None) and its own custom_vjp.
 """
-import os
-
-import jax
 import jax.numpy as jnp
 
 from kernels import pallas_gpu, pallas_tpu, reference, xla
+from kernels.common import resolve
 from kernels.per_shard import per_shard
 
 BACKENDS = {
@@ -20,6 +18,7 @@ BACKENDS = {
     "pallas_gpu": pallas_gpu.selective_scan,
 }
 ENV_VAR = "ADAPTOR_SCAN_BACKEND"  # overrides backend="auto" for every call in the process
+AUTO = {"tpu": "pallas_tpu", "cuda": "pallas_gpu", "default": "xla"}  # backend="auto"
 
 
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
@@ -46,17 +45,9 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
   args = (u, delta, A.astype(jnp.float32), B, C, D, z, delta_bias)
   flags = (bool(delta_softplus), bool(return_last_state), bool(reverse))
 
-  if backend == "auto":
-    backend = os.environ.get(ENV_VAR, "auto")
-  if backend == "auto":
-    run = lambda name: (lambda *a: BACKENDS[name](*a, *flags))
-    call = lambda *a: jax.lax.platform_dependent(*a, tpu=run("pallas_tpu"),
-                                                 cuda=run("pallas_gpu"), default=run("xla"))
-  elif backend in BACKENDS or callable(backend):
-    call = lambda *a: BACKENDS.get(backend, backend)(*a, *flags)
-  else:
-    raise ValueError(f"selective_scan: unknown backend {backend!r}; "
-                     f"choose 'auto' or one of {sorted(BACKENDS)}")
+  bind = lambda fn: (lambda *a: fn(*a, *flags))
+  call = resolve("selective_scan", bind(backend) if callable(backend) else backend,
+                 {name: bind(fn) for name, fn in BACKENDS.items()}, ENV_VAR, AUTO)
   # On a mesh, each device scans its own slice of the batch (kernels/per_shard.py).
   y, last = per_shard(call, args, batched=(True, True, False, True, True, False, True, False),
                       name="selective_scan")

@@ -29,9 +29,9 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from kernels import read
+from kernels.common import F32
 from kernels.per_shard import per_shard
 
-F32 = jnp.float32
 PHI = "adaptor_phi"  # the xla path's phi product, by this name for a rematerialisation policy
 
 
@@ -108,7 +108,7 @@ def _xla_phi(h, w, b, reach):
 
 
 def pallas_tpu(h, w, b, reach, gamma=None, scale=None, **kwargs):
-  """The Mosaic kernels (read_pallas_tpu.learned; kwargs: interpret, block_l)."""
+  """The Mosaic kernels (read_pallas_tpu.learned; kwargs: interpret, block_sizes)."""
   from kernels import read_pallas_tpu  # noqa: PLC0415 - Mosaic, only for TPU
   return read_pallas_tpu.learned(h, w, b, reach, gamma, scale, **kwargs)
 
@@ -119,18 +119,14 @@ BACKENDS = {"reference": reference, "xla": xla, "cpu": cpu, "pallas_tpu": pallas
 @jax.custom_vjp
 def route_linear(x_BLE, w_RDC):
   """Each route's own linear map of its states, positions last: out[b, r, c, l] =
-  sum_d x[b, l, r * D + d] w[r, d, c], in float32 (with bf16 logits, their rounding moved the
-  locations enough for relative errors of 1-3e-2 in the read; XLA:CPU has no bf16 x bf16 ->
-  float32 product). XLA lays x out routes-first for the product. The
-  backward takes each route's dx as its own product, side by side in the lanes as x is: as one
-  product, XLA:TPU laid dx out routes-first and copied it (a VSS block with both adaptors, v5e,
-  batch 32, fwd + bwd: 0.687 -> 0.670 GB per image at width 96, 0.272 -> 0.269 at width 192).
-  Each route's d w is its own product too, except on the CPU, where they are a loop over the
-  routes: XLA:CPU merges the routes-first layout of x for the static products with the
-  forward's and keeps it until the backward (+23 MB per image in the booster's train step).
-  Elsewhere static products, so that XLA's cost analysis sees them all (it counts a loop's
-  body once); the block at width 96 then moves 0.653 GB per image. (These GB per image count
-  XLA's ops only, from before the kernels stated their cost.)"""
+  sum_d x[b, l, r * D + d] w[r, d, c], in float32 (bf16 logits round the locations enough to
+  move the read by 1-3e-2 relative; XLA:CPU has no bf16 x bf16 -> float32 product). The
+  backward takes each route's dx as its own product, side by side in the lanes as x is (as one
+  product, XLA:TPU lays dx out routes-first and copies it). Each route's d w is its own product
+  too, except on the CPU, where they are a loop over the routes: XLA:CPU would merge the
+  routes-first layout of x for the static products with the forward's and keep it until the
+  backward. Elsewhere static products, so that XLA's cost analysis sees them all (it counts a
+  loop's body once). What each choice measured: benchmarks/README.md, Design measurements."""
   return jnp.einsum("blrd,rdc->brcl", _by_route(x_BLE, w_RDC).astype(F32), w_RDC.astype(F32))
 
 

@@ -21,70 +21,63 @@ reverse=True walks the chunks and the steps inside them backwards: nothing is pa
 import dataclasses
 import functools
 import math
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-F32 = jnp.float32
+from kernels.common import F32, ScanConfig, softplus
+
 VMEM_BUDGET_BYTES = 8 * 2**20  # blocks (double-buffered) + scratch; Mosaic's default limit is 16 MiB
 
 
-def choose_blocks(length, d_inner, n_state, gn, block_d=None, block_l=None):
-  """Picks (block_d, block_l).
-
-  block_d: the widest of 512/384/256/128 lanes dividing D (lane-dense, few grid steps; batch x
-  tiles is the parallel work), else the full D. block_l: the longest of 512, 256, ..., 16 steps
-  whose backward working set fits VMEM_BUDGET_BYTES: per step, 20 + N f32 rows of block_d (7
-  double-buffered (block_l, block_d) blocks, 6 scratch rows and the states) and 12 lane-padded
-  B/C-like rows of G*N. The full L when that is shorter.
-  """
-  if block_d is None:
-    fits = [c for c in (512, 384, 256, 128) if d_inner % c == 0]
-    block_d = fits[0] if fits else d_inner
-  if block_d != d_inner and (block_d % 128 or d_inner % block_d):
-    raise ValueError(f"block_d={block_d} must be D={d_inner} or a multiple of 128 dividing D")
-  if block_l is None:
-    per_step = 4 * block_d * (20 + n_state) + 4 * 12 * 128 * pl.cdiv(gn, 128)
-    block_l = 512
-    while block_l > 16 and block_l * per_step > VMEM_BUDGET_BYTES:
-      block_l //= 2
-  if block_l >= length:
-    block_l = length
-  elif block_l % 8:
-    raise ValueError(f"block_l={block_l} must be a multiple of 8 (or at least L={length})")
-  return block_d, block_l
-
-
 @dataclasses.dataclass(frozen=True)
-class _Config:
-  length: int
-  d_inner: int
-  n_state: int
-  groups: int
-  block_d: int
-  block_l: int
-  softplus: bool
-  reverse: bool
-  has_z: bool
-  interpret: Any
+class BlockSizes:
+  """The scan's blocks on TPU; a size left None is chosen for the shape (`for_shape`).
 
-  @property
-  def n_chunks(self):
-    return pl.cdiv(self.length, self.block_l)
+  block_d: lanes per tile, D or a multiple of 128 dividing D. Default: the widest of
+    512/384/256/128 dividing D (lane-dense, few grid steps; batch x tiles is the parallel
+    work), else the full D.
+  block_l: steps per chunk, L or a multiple of 8. Default: the longest of 512, 256, ..., 16
+    steps whose backward working set fits VMEM_BUDGET_BYTES: per step, 20 + N f32 rows of
+    block_d (7 double-buffered (block_l, block_d) blocks, 6 scratch rows and the states) and 12
+    lane-padded B/C-like rows of G*N. The full L when that is shorter.
+  """
+  block_d: int | None = None
+  block_l: int | None = None
+
+  def for_shape(self, length, d_inner, n_state, groups):
+    """These sizes, each None chosen for the shape; ValueError naming one that does not fit."""
+    block_d, block_l = self.block_d, self.block_l
+    if block_d is None:
+      fits = [c for c in (512, 384, 256, 128) if d_inner % c == 0]
+      block_d = fits[0] if fits else d_inner
+    if block_d != d_inner and (block_d % 128 or d_inner % block_d):
+      raise ValueError(f"block_d={block_d} must be D={d_inner} or a multiple of 128 dividing D")
+    if block_l is None:
+      per_step = 4 * block_d * (20 + n_state) + 4 * 12 * 128 * pl.cdiv(groups * n_state, 128)
+      block_l = 512
+      while block_l > 16 and block_l * per_step > VMEM_BUDGET_BYTES:
+        block_l //= 2
+    if block_l >= length:
+      block_l = length
+    elif block_l % 8:
+      raise ValueError(f"block_l={block_l} must be a multiple of 8 (or at least L={length})")
+    return BlockSizes(block_d, block_l)
 
 
 def selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, reverse,
-                   *, interpret=False, block_d=None, block_l=None):
-  """Returns (y_BLD in u's dtype, last state (batch, D, N) float32); see kernels/api.py."""
+                   *, interpret=False, block_sizes=None):
+  """Returns (y_BLD in u's dtype, last state (batch, D, N) float32); see kernels/api.py.
+  block_sizes: a BlockSizes (None: every size chosen for the shape). interpret: False, or the
+  Pallas TPU interpreter's parameters (any platform)."""
   del return_last_state  # the state is cheap: always returned, dropped by the caller
   _, length, d_inner = u.shape
   n_state, groups = A.shape[1], B.shape[2]
-  bd, bl = choose_blocks(length, d_inner, n_state, groups * n_state, block_d, block_l)
-  cfg = _Config(length, d_inner, n_state, groups, bd, bl, bool(delta_softplus), bool(reverse),
-                z is not None, interpret)
+  blocks = (block_sizes or BlockSizes()).for_shape(length, d_inner, n_state, groups)
+  cfg = ScanConfig(length, d_inner, n_state, groups, blocks.block_d, blocks.block_l,
+                   bool(delta_softplus), bool(reverse), z is not None, interpret)
   return _scan(cfg, u, delta, A, B, C, D, z, delta_bias)
 
 
@@ -113,14 +106,6 @@ _scan.defvjp(_scan_fwd, _scan_bwd)
 # Helpers shared by both kernels (traced inside the kernel body).
 
 SUB = 8  # steps per sub-block: per-step rows move between VMEM and vregs as (8, width) tiles
-
-
-def _softplus(x):
-  """max(x, 0) + log1p(exp(-|x|)), log1p spelled with log only (Kahan's trick)."""
-  e = jnp.exp(-jnp.abs(x))
-  one_e = 1.0 + e
-  log1p = jnp.where(one_e == 1.0, e, jnp.log(one_e) * (e / (one_e - 1.0)))
-  return jnp.maximum(x, 0.0) + log1p
 
 
 def _block_of(cfg, c, backward):
@@ -227,31 +212,33 @@ def _specs(cfg, backward):
 
 
 def _inputs(cfg, u, delta, A, B, C, D, z, delta_bias, sp):
+  """The kernels' first inputs in their order (z None when absent), their specs, and how often
+  the grid fetches each: B and C once per tile of channels, the per-tile vectors once per
+  image, the rest once."""
   batch, length, d_inner = u.shape
   gn = cfg.groups * cfg.n_state
   args = [u, delta, A.T, B.reshape(batch, length, gn), C.reshape(batch, length, gn),
-          D.reshape(1, d_inner), delta_bias.reshape(1, d_inner)] + ([z] if cfg.has_z else [])
-  specs = [sp["bld"], sp["bld"], sp["nd"], sp["blk"], sp["blk"], sp["d"], sp["d"]]
-  # how often the grid fetches each: B and C once per tile of channels, the per-tile
-  # vectors once per image, the rest once
-  tiles = d_inner // cfg.block_d
-  fetches = [1, 1, batch, tiles, tiles, batch, batch] + [1] * cfg.has_z
-  return args, specs + [sp["bld"]] * cfg.has_z, fetches
+          D.reshape(1, d_inner), delta_bias.reshape(1, d_inner), z]
+  specs = [sp["bld"], sp["bld"], sp["nd"], sp["blk"], sp["blk"], sp["d"], sp["d"],
+           sp["bld"] if cfg.has_z else None]
+  fetches = [1, 1, batch, cfg.n_tiles, cfg.n_tiles, batch, batch, 1]
+  return args, specs, fetches
 
 
 def _call(cfg, kernel, name, out_shape, out_specs, scratch, args, in_specs, fetches):
-  """The pallas_call, with its cost for XLA's analysis (which counts a kernel as nothing
-  otherwise): every input as often as the grid fetches it, every output once; the scan's
-  count of counting.py (9 per state and channel step, and the D term) in FLOPs, the
-  backward twice that (the states recomputed, then the adjoint), one exp per state step."""
+  """The pallas_call (an absent input or output is None, and its ref in the kernel), with its
+  cost for XLA's analysis (which counts a kernel as nothing otherwise): every input as often as
+  the grid fetches it, every output once; the scan's count of counting.py (9 per state and
+  channel step, and the D term) in FLOPs, the backward twice that (the states recomputed, then
+  the adjoint), one exp per state step."""
   batch, length, d_inner = args[0].shape
   backward = name.endswith("bwd")
-  nbytes = sum(a.size * a.dtype.itemsize * f for a, f in zip(args, fetches))
-  nbytes += sum(math.prod(o.shape) * o.dtype.itemsize for o in out_shape)
+  nbytes = sum(a.size * a.dtype.itemsize * f for a, f in zip(args, fetches) if a is not None)
+  nbytes += sum(math.prod(o.shape) * o.dtype.itemsize for o in out_shape if o is not None)
   steps = batch * length * d_inner
   return pl.pallas_call(
-      functools.partial(kernel, cfg), out_shape=out_shape,
-      grid=(batch, d_inner // cfg.block_d, cfg.n_chunks), in_specs=in_specs,
+      functools.partial(kernel, cfg=cfg), out_shape=out_shape,
+      grid=(batch, cfg.n_tiles, cfg.n_chunks), in_specs=in_specs,
       out_specs=out_specs, scratch_shapes=scratch, interpret=cfg.interpret, name=name,
       cost_estimate=pl.CostEstimate(
           flops=(1 + backward) * steps * (9 * cfg.n_state + 1),
@@ -261,13 +248,11 @@ def _call(cfg, kernel, name, out_shape, out_specs, scratch, args, in_specs, fetc
   )(*args)
 
 
-def _prologue(cfg, refs, scratch):
+def _prologue(cfg, u_ref, delta_ref, B_ref, C_ref, bias_ref, dl_s, dlu_s, Bf_s, Cf_s):
   """delta' and delta'*u of the whole block into scratch. Returns delta + bias, u and the f32
   B, C refs the steps read."""
-  u_ref, dt_ref, _, B_ref, C_ref, _, bias_ref = refs[:7]
-  dl_s, dlu_s, Bf_s, Cf_s = scratch
-  x = dt_ref[...].astype(F32) + bias_ref[...]
-  dl = _softplus(x) if cfg.softplus else x
+  x = delta_ref[...].astype(F32) + bias_ref[...]
+  dl = softplus(x) if cfg.delta_softplus else x
   u = u_ref[...].astype(F32)
   dl_s[:cfg.block_l, :] = dl
   dlu_s[:cfg.block_l, :] = dl * u
@@ -291,11 +276,10 @@ def _forward(cfg, u, delta, A, B, C, D, z, delta_bias):
                [sp["bld"], sp["bknd"], sp["bnd"]], scratch, args, in_specs, fetches)
 
 
-def _fwd_kernel(cfg, *refs):
-  n_in = 7 + cfg.has_z
-  z_ref = refs[7] if cfg.has_z else None
-  A_ref, D_ref = refs[2], refs[5]
-  y_ref, h0_ref, last_ref, h_s, dl_s, dlu_s, y_s, Bf_s, Cf_s = refs[n_in:]
+def _fwd_kernel(u_ref, delta_ref, A_ref, B_ref, C_ref, D_ref, bias_ref, z_ref,  # inputs
+                y_ref, h0_ref, last_ref,  # outputs: y, the state entering the chunk, the last
+                h_s, dl_s, dlu_s, y_s, Bf_s, Cf_s,  # scratch: the state, per-step rows
+                *, cfg):
   c = pl.program_id(2)
   lim = cfg.length - _block_of(cfg, c, False) * cfg.block_l  # rows >= lim lie past L
 
@@ -304,7 +288,8 @@ def _fwd_kernel(cfg, *refs):
     h_s[...] = jnp.zeros_like(h_s)
 
   h0_ref[...] = h_s[...]
-  _, u, Bf, Cf = _prologue(cfg, refs, (dl_s, dlu_s, Bf_s, Cf_s))
+  _, u, Bf, Cf = _prologue(cfg, u_ref, delta_ref, B_ref, C_ref, bias_ref, dl_s, dlu_s, Bf_s,
+                           Cf_s)
   A_ND = A_ref[...]
   grp = _Groups(cfg)
 
@@ -318,7 +303,7 @@ def _fwd_kernel(cfg, *refs):
   h_s[...] = h_ND
   last_ref[...] = h_ND
   y = y_s[:cfg.block_l, :] + D_ref[...] * u
-  if cfg.has_z:
+  if z_ref is not None:
     zz = z_ref[...].astype(F32)
     y = y * zz * jax.nn.sigmoid(zz)
   y_ref[...] = y.astype(y_ref.dtype)
@@ -330,41 +315,36 @@ def _fwd_kernel(cfg, *refs):
 def _backward(cfg, u, delta, A, B, C, D, z, delta_bias, h0_BKND, dy_BLD, dlast_BND):
   batch, length, d_inner = u.shape
   n, gn, bd, rows = cfg.n_state, cfg.groups * cfg.n_state, cfg.block_d, _rows(cfg)
-  n_tiles = d_inner // bd
   sp = _specs(cfg, backward=True)
   args, in_specs, fetches = _inputs(cfg, u, delta, A, B, C, D, z, delta_bias, sp)
   args += [dy_BLD, h0_BKND, dlast_BND]
   fetches += [1, 1, 1]
   in_specs += [sp["bld"], sp["bknd"], sp["bnd"]]
   sds = jax.ShapeDtypeStruct
-  out_shape = [sds(u.shape, u.dtype), sds(u.shape, delta.dtype)]
-  out_shape += [sds(u.shape, z.dtype)] if cfg.has_z else []
-  out_shape += [sds((n_tiles, batch, length, gn), F32)] * 2 + [sds((batch, n, d_inner), F32)] + \
-               [sds((batch, 1, d_inner), F32)] * 2
+  per_tile = sds((cfg.n_tiles, batch, length, gn), F32)
+  out_shape = [sds(u.shape, u.dtype), sds(u.shape, delta.dtype),
+               sds(u.shape, z.dtype) if cfg.has_z else None, per_tile, per_tile,
+               sds((batch, n, d_inner), F32)] + [sds((batch, 1, d_inner), F32)] * 2
   b1d = pl.BlockSpec((None, 1, bd), lambda b, j, c: (b, 0, j))
-  out_specs = [sp["bld"]] * (2 + cfg.has_z) + [sp["tblk"], sp["tblk"], sp["bnd"], b1d, b1d]
+  out_specs = [sp["bld"], sp["bld"], sp["bld"] if cfg.has_z else None, sp["tblk"], sp["tblk"],
+               sp["bnd"], b1d, b1d]
   states = pltpu.VMEM((rows, bd) if n == 1 else (rows, n, bd), F32)
   scratch = [pltpu.VMEM((n, bd), F32), states] + [pltpu.VMEM((rows, bd), F32)] * 6 + \
             [pltpu.VMEM((rows, gn), F32)] * 4
-  outs = _call(cfg, _bwd_kernel, "selective_scan_bwd", out_shape, out_specs, scratch, args,
-               in_specs, fetches)
-  du, ddelta = outs[:2]
-  dz = outs[2] if cfg.has_z else None
-  dB_part, dC_part, dA_BND, dD_B1D, dbias_B1D = outs[2 + cfg.has_z:]
+  du, ddelta, dz, dB_part, dC_part, dA_BND, dD_B1D, dbias_B1D = _call(
+      cfg, _bwd_kernel, "selective_scan_bwd", out_shape, out_specs, scratch, args, in_specs,
+      fetches)
   dB = dB_part.sum(0).reshape(B.shape).astype(B.dtype)
   dC = dC_part.sum(0).reshape(C.shape).astype(C.dtype)
   return (du, ddelta, dA_BND.sum(0).T, dB, dC, dD_B1D.sum((0, 1)), dz,
           dbias_B1D.sum((0, 1)))
 
 
-def _bwd_kernel(cfg, *refs):
-  n_in = 7 + cfg.has_z
-  u_ref, A_ref, D_ref = refs[0], refs[2], refs[5]
-  z_ref = refs[7] if cfg.has_z else None
-  dout_ref, h0_ref, dlast_ref, du_ref, ddt_ref = refs[n_in:n_in + 5]
-  dz_ref = refs[n_in + 5] if cfg.has_z else None
-  (dB_ref, dC_ref, dA_ref, dD_ref, dbias_ref, g_s, H_s, dl_s, dlu_s, y_s, ddl_s, dus_s, Uf_s,
-   Bf_s, Cf_s, dB_s, dC_s) = refs[n_in + 5 + cfg.has_z:]
+def _bwd_kernel(u_ref, delta_ref, A_ref, B_ref, C_ref, D_ref, bias_ref, z_ref,  # inputs
+                dout_ref, h0_ref, dlast_ref,  # inputs: the cotangents, the chunks' entry states
+                du_ref, ddelta_ref, dz_ref, dB_ref, dC_ref, dA_ref, dD_ref, dbias_ref,  # outputs
+                g_s, H_s, dl_s, dlu_s, y_s, ddl_s, dus_s, Uf_s, Bf_s, Cf_s, dB_s, dC_s,  # scratch
+                *, cfg):
   bl = cfg.block_l
   c = pl.program_id(2)
   lim = cfg.length - _block_of(cfg, c, True) * bl
@@ -376,7 +356,8 @@ def _bwd_kernel(cfg, *refs):
     dD_ref[...] = jnp.zeros_like(dD_ref)
     dbias_ref[...] = jnp.zeros_like(dbias_ref)
 
-  x, u, Bf, Cf = _prologue(cfg, refs, (dl_s, dlu_s, Bf_s, Cf_s))
+  x, u, Bf, Cf = _prologue(cfg, u_ref, delta_ref, B_ref, C_ref, bias_ref, dl_s, dlu_s, Bf_s,
+                           Cf_s)
   Uf = _as_f32(cfg, u_ref, Uf_s)
   A_ND = A_ref[...]
   grp = _Groups(cfg)
@@ -396,7 +377,7 @@ def _bwd_kernel(cfg, *refs):
          h0_ref[...], expand=(2, 3))
 
   dout = dout_ref[...].astype(F32)
-  if cfg.has_z:
+  if z_ref is not None:
     zz = z_ref[...].astype(F32)
     sig = jax.nn.sigmoid(zz)
     dz = dout * (y_s[:bl, :] + D_ref[...] * u) * sig * (1.0 + zz * (1.0 - sig))
@@ -428,9 +409,9 @@ def _bwd_kernel(cfg, *refs):
   dy = y_s[:bl, :]
   du_ref[...] = (dus_s[:bl, :] + dy * D_ref[...]).astype(du_ref.dtype)
   ddl = ddl_s[:bl, :]
-  if cfg.softplus:
+  if cfg.delta_softplus:
     ddl = ddl * jax.nn.sigmoid(x)
-  ddt_ref[...] = ddl.astype(ddt_ref.dtype)
+  ddelta_ref[...] = ddl.astype(ddelta_ref.dtype)
   dB_ref[...] = dB_s[:bl, :]
   dC_ref[...] = dC_s[:bl, :]
   rows_ok = jax.lax.broadcasted_iota(jnp.int32, ddl.shape, 0) < lim

@@ -1,8 +1,8 @@
 """learned_read's phi inside the read's Mosaic kernels (read_pallas_tpu.py runs them): the
 locations and weights of a chunk of positions from phi's product of its rows of h, and, in the
 backward kernel, the chunk's dots taken back through the softmax, clip and sigmoid and through
-phi's two products. Everything here runs in VMEM on one chunk; `cfg` is the kernels' config
-(read_pallas_tpu._Config) and `first` the chunk's first row.
+phi's two products. Everything here runs in VMEM on one chunk; `cfg` is the kernels'
+read_pallas_tpu.ReadConfig and `first` the chunk's first row.
 
 Phi is one product per route, W_r (2 K S, window) . h[chunk, window]^T over the whole lane tiles
 that hold the route's D channels (1.33x the route's FLOPs for D = 192, where one product with a
@@ -15,7 +15,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-F32 = jnp.float32
+from kernels.common import F32
+
 HIGHEST = jax.lax.Precision.HIGHEST
 
 
@@ -28,13 +29,12 @@ def args(cfg, w, b, reach, dtype):
   return w.astype(dtype), b.astype(F32).reshape(cfg.logits, 1), reach_rows.reshape(R * K * S, 1)
 
 
-def tables(cfg, hf, first, phi_refs, tab_v, smem, sem, fac_v=None):
+def tables(cfg, hf, first, w_ref, b_ref, reach_ref, tab_s, table_smem, sem, fac_s=None):
   """The chunk's locations and weights from phi's product of its rows of h (from row `first`),
-  route by route: tab_v (2 K G, chunk_lanes) in VMEM, rows (route, location or weight, point,
-  head of the route), copied to SMEM; fac_v (K G, chunk_lanes), rows (route, point, head), when
-  given: d location / d logit (the reach times the sigmoid's derivative, 0 where the clip
-  holds)."""
-  w_ref, b_ref, reach_ref = phi_refs
+  route by route: tab_s (2 K G, chunk_lanes) in VMEM, rows (route, location or weight, point,
+  head of the route), copied to table_smem; fac_s (K G, chunk_lanes), rows (route, point,
+  head), when given: d location / d logit (the reach times the sigmoid's derivative, 0 where
+  the clip holds)."""
   n, KS, S = cfg.chunk_lanes, cfg.route_rows // 2, cfg.heads // cfg.routes
   width, starts = cfg.route_window
   i = (first + jax.lax.broadcasted_iota(jnp.int32, (1, n), 1)).astype(F32)
@@ -45,14 +45,14 @@ def tables(cfg, hf, first, phi_refs, tab_v, smem, sem, fac_v=None):
     move = 1.0 / (1.0 + jnp.exp(-logits[:KS]))
     reach = reach_ref[pl.ds(r * KS, KS), :]
     x = i + reach * move
-    tab_v[pl.ds(r * 2 * KS, KS), :] = jnp.clip(x, 0.0, cfg.length - 1.0)
+    tab_s[pl.ds(r * 2 * KS, KS), :] = jnp.clip(x, 0.0, cfg.length - 1.0)
     weights = logits[KS:]  # softmax over the points: rows k S + s, k's peers S rows apart
     ex = jnp.exp(weights - over_points(cfg, weights, jnp.maximum))
-    tab_v[pl.ds(r * 2 * KS + KS, KS), :] = ex / over_points(cfg, ex, jnp.add)
-    if fac_v is not None:
+    tab_s[pl.ds(r * 2 * KS + KS, KS), :] = ex / over_points(cfg, ex, jnp.add)
+    if fac_s is not None:
       inside = (x > 0.0) & (x < cfg.length - 1.0)
-      fac_v[pl.ds(r * KS, KS), :] = jnp.where(inside, reach * move * (1.0 - move), 0.0)
-  copy = pltpu.make_async_copy(tab_v, smem[0], sem.at[0])
+      fac_s[pl.ds(r * KS, KS), :] = jnp.where(inside, reach * move * (1.0 - move), 0.0)
+  copy = pltpu.make_async_copy(tab_s, table_smem, sem.at[0])
   copy.start()
   copy.wait()
 
@@ -81,22 +81,20 @@ def product(a, b, a_axis, b_axis, dtype):
                              preferred_element_type=F32)
 
 
-
-def backward(cfg, hf, first, w_ref, phi_s, dh_s, dots):
+def backward(cfg, hf, first, w_ref, tab_s, fac_s, dw_s, db_s, dh_s, dots):
   """Route by route: the chunk's d logits g (2 K S, chunk_lanes) from its dots <h[p0], d read>
   and <h[p1], d read> (in the location and weight rows of phi's table) through the clip and
   sigmoid (locations) and the softmax over the points (weights); then phi's backward:
   dh[chunk, window] += g^T W, d W += g h[chunk, window], d b += the sum of g."""
-  tab_v, fac_v, dw_s, db_s = phi_s
   KS = cfg.route_rows // 2
   width, starts = cfg.route_window
   rows = pl.ds(first, cfg.chunk_lanes)
   for r, a in enumerate(starts):
     loc, wgt = pl.ds(r * 2 * KS, KS), pl.ds(r * 2 * KS + KS, KS)
     e0, e1 = dots[r * 2 * KS:r * 2 * KS + KS], dots[r * 2 * KS + KS:(r + 1) * 2 * KS]
-    pos, w = tab_v[loc, :], tab_v[wgt, :]
+    pos, w = tab_s[loc, :], tab_s[wgt, :]
     f = pos - jnp.floor(pos)
-    d_loc = w * (e1 - e0) * fac_v[pl.ds(r * KS, KS), :]
+    d_loc = w * (e1 - e0) * fac_s[pl.ds(r * KS, KS), :]
     t = w * ((1.0 - f) * e0 + f * e1)  # weight x d weight
     g = jnp.concatenate([d_loc, t - w * over_points(cfg, t, jnp.add)], axis=0)
     dh_s[rows, a:a + width] += product(g.T, w_ref[r], 1, 0, w_ref.dtype)

@@ -32,8 +32,7 @@ Backends, each with the same signature (h, pos, weight, gamma, scale) -> out:
   cpu         XLA FFI kernels for XLA:CPU (read_cpu.cc, built by `pip install -e .`): one pass
               per head over its positions, its rows in cache, the backward accumulating into dh
               in place, heads shared over the intra-op threads. XLA:CPU runs the xla path's
-              gathers and scatter-adds one index vector at a time: at the booster's first
-              stage the op's forward and backward take 13 ms against 55 (batch 2);
+              gathers and scatter-adds one index vector at a time (benchmarks/read.py);
   pallas_tpu  Mosaic kernels (read_pallas_tpu.py): XLA:TPU turns the scatter-add into a
               serial loop over updates and its row gathers move whole tiles, so on TPU the rows
               are read and accumulated inside VMEM.
@@ -46,11 +45,11 @@ largest views). pallas_tpu asked for by name refuses such an image in one line. 
 the call runs once per shard of the batch (per_shard.py).
 """
 import functools
-import os
 
 import jax
 import jax.numpy as jnp
 
+from kernels import common
 from kernels.common import F32, taps  # noqa: F401 - taps: read.taps, part of the API
 from kernels.per_shard import per_shard
 
@@ -69,25 +68,18 @@ def memory_read(h, pos, weight, gamma=None, scale=None, backend="auto"):
 
 
 def resolve(backend, backends, op):
-  """The function that `backend` names among `backends` (pallas_tpu, cpu and xla by platform
-  for "auto", which $ADAPTOR_READ_BACKEND overrides; on TPU xla where the image does not fit
-  the kernels' VMEM), or `backend` itself when it is one."""
-  if backend == "auto":
-    backend = os.environ.get(ENV_VAR, "auto")
-  if backend == "auto":
-    def tpu(*args):  # the Mosaic kernels where one image fits a core's VMEM, else XLA's
-      from kernels import read_pallas_tpu  # noqa: PLC0415 - Mosaic, only for TPU
-      if not read_pallas_tpu.fits(op, *args, backward=False):
-        return backends["xla"](*args)
-      if read_pallas_tpu.fits(op, *args, backward=True):
-        return backends["pallas_tpu"](*args)
-      return _forward_only(backends["pallas_tpu"], backends["xla"], *args)
-    return lambda *a: jax.lax.platform_dependent(*a, tpu=tpu, cpu=backends["cpu"],
-                                                 default=backends["xla"])
-  if backend in backends or callable(backend):
-    return backends.get(backend, backend)
-  raise ValueError(f"{op}: unknown backend {backend!r}; choose 'auto' or one of "
-                   f"{sorted(backends)}")
+  """The function that `backend` names among `backends` (kernels/common.py's rule), "auto"
+  being pallas_tpu on TPU (xla's backward, or xla, where an image does not fit the kernels'
+  VMEM), cpu on the CPU and xla elsewhere; $ADAPTOR_READ_BACKEND overrides "auto"."""
+  def tpu(*args):  # the Mosaic kernels where one image fits a core's VMEM, else XLA's
+    from kernels import read_pallas_tpu  # noqa: PLC0415 - Mosaic, only for TPU
+    if not read_pallas_tpu.fits(op, *args, backward=False):
+      return backends["xla"](*args)
+    if read_pallas_tpu.fits(op, *args, backward=True):
+      return backends["pallas_tpu"](*args)
+    return _forward_only(backends["pallas_tpu"], backends["xla"], *args)
+  return common.resolve(op, backend, backends, ENV_VAR,
+                        {"tpu": tpu, "cpu": "cpu", "default": "xla"})
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
@@ -268,7 +260,7 @@ def cpu(h, pos, weight, gamma=None, scale=None):
 
 
 def pallas_tpu(h, pos, weight, gamma=None, scale=None, **kwargs):
-  """The Mosaic kernels (read_pallas_tpu.read; kwargs: interpret, block_l)."""
+  """The Mosaic kernels (read_pallas_tpu.read; kwargs: interpret, block_sizes)."""
   from kernels import read_pallas_tpu  # noqa: PLC0415 - Mosaic, only for TPU
   return read_pallas_tpu.read(h, pos, weight, gamma, scale, **kwargs)
 

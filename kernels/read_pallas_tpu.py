@@ -2,9 +2,9 @@
 (kernels/learned.py), each under one custom_vjp.
 
 XLA:TPU makes a serial loop of the scatter-add in the read's backward and moves whole (8, 128)
-tiles for each gathered row of C channels: one Adaptor-T layer of b2 at batch 32 accessed
-1.3 TB. Here the rows never leave VMEM, and gamma and scale are applied inside the kernels:
-neither the read nor h' is written to HBM, in either direction.
+tiles for each gathered row of C channels (what that costs: benchmarks/README.md). Here the
+rows never leave VMEM, and gamma and scale are applied inside the kernels: neither the read nor
+h' is written to HBM, in either direction.
 
 Layout: h as it comes, (batch, L, G x C) with the G heads side by side in the lanes (no
 transpose, and no padding of a head's C channels to 128 lanes). Both kernels run on a grid
@@ -49,7 +49,7 @@ FLOPs, exps and bytes (every argument and result once: the grid fetches each blo
 import dataclasses
 import functools
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -67,28 +67,47 @@ VMEM_LIMIT_BYTES = 120 * 2**20
 
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
-  """block_l: positions per grid step, a multiple of 128 (a chunk's table columns start at a
-  whole lane tile) unless it covers L; their tables sit in SMEM: 2 x block_l x G x K words,
-  and block_l x G for the scale. A VSS block with both adaptors, v5e, batch 32, fwd + bwd, GB
-  per image at widths 96 / 192 / 384, when the tables were per-chunk slabs built by XLA:
-  0.653 / 0.271 / 0.112 with 32, 0.620 / 0.248 / 0.103 with 128, 0.638 / 0.251 at the first
-  two with 256; with the windows copied from the arguments, 0.599 / 0.242 with 128 (XLA's
-  ops only: the kernels stated no cost then, and XLA counts such a kernel as nothing)."""
-  block_l: int = 128
+  """The read's blocks on TPU; a size left None is chosen for the shape (`for_shape`).
+
+  block_l: positions per chunk (grid step), L or a multiple of 128 (a chunk's table columns
+    start at a whole lane tile). Default 128 (benchmarks/README.md: the bytes of 32, 128 and
+    256). The chunk's tables sit in SMEM: 2 x block_l x G x K words, and block_l x G for the
+    scale.
+  """
+  block_l: int | None = None
+
+  def for_shape(self, length):
+    """These sizes, each None chosen for the shape; ValueError naming one that does not fit."""
+    block_l = length if (self.block_l or 128) >= length else (self.block_l or 128)
+    if block_l != length and block_l % 128:
+      raise ValueError(f"block_l={block_l} must be a multiple of 128 (or at least L={length})")
+    return BlockSizes(block_l)
+
+
+class Tables(NamedTuple):
+  """The per-position tables of a chunk, positions last; None where absent. From HBM: the
+  arguments (memory_read's pos and weight (batch, K G, L), the scale (batch, G, L)). In SMEM:
+  their chunk's columns, or learned_read's one table of phi's rows (locations and weights, in
+  `pos`, weight None) and the scale's columns."""
+  pos: Any
+  weight: Any
+  scale: Any
 
 
 @dataclasses.dataclass(frozen=True)
-class _Config:
-  length: int
+class ReadConfig:
+  """What a read kernel (memory_read's or learned_read's, forward or backward) is specialised
+  to: the shape, the block size (filled in and validated), which optional inputs it has."""
+  length: int  # L
   heads: int  # G
   channels: int  # C per head
   points: int  # K
-  block_l: int
+  block_l: int  # positions per chunk
   cast: bool  # h is not float32: its rows are cast to the float32 image in VMEM
-  gamma: bool  # out = h + gamma * read (else the read)
-  scale: bool  # out *= scale
-  interpret: Any
-  phi: bool = False  # learned_read: the locations and weights from phi's product of h
+  has_gamma: bool  # out = h + gamma * read (else the read)
+  has_scale: bool  # out *= scale
+  interpret: Any  # False, or the Pallas interpreter's parameters
+  has_phi: bool = False  # learned_read: the locations and weights from phi's product of h
   batch: int = 1
   routes: int = 1  # learned_read's R: phi is a product per route of G / R heads
 
@@ -123,7 +142,7 @@ class _Config:
 
   @property
   def n_tables(self):  # the tables that come from HBM: location and weight unless phi makes
-    return 2 * (not self.phi) + self.scale  # them, the scale when there is one
+    return 2 * (not self.has_phi) + self.has_scale  # them, the scale when there is one
 
   @property
   def width(self):  # G x C lanes
@@ -135,7 +154,7 @@ class _Config:
 
   @property
   def rows(self):  # the image's rows in VMEM: whole chunks of chunk_lanes when phi reads them
-    return self.n_chunks * self.chunk_lanes if self.phi else self.length
+    return self.n_chunks * self.chunk_lanes if self.has_phi else self.length
 
   @property
   def copy(self):  # h and dh move HBM <-> VMEM through staging slabs: cast, or the image
@@ -161,23 +180,21 @@ class _Config:
     return 2 * self.heads * self.points + self.heads
 
 
-def _config(h, points, gamma, scale, block_l, interpret, routes=None):
+def _config(h, points, gamma, scale, block_sizes, interpret, routes=None):
   batch, length, groups, C = h.shape
-  bl = block_l or BlockSizes().block_l
-  bl = length if bl >= length else bl
-  if bl != length and bl % 128:  # a chunk's table columns start at a whole lane tile
-    raise ValueError(f"block_l={bl} must be a multiple of 128 (or at least L={length})")
-  return _Config(length, groups, C, points, bl, h.dtype != F32, gamma is not None,
-                 scale is not None, interpret, routes is not None, batch, routes or 1)
+  block_l = (block_sizes or BlockSizes()).for_shape(length).block_l
+  return ReadConfig(length, groups, C, points, block_l, h.dtype != F32, gamma is not None,
+                    scale is not None, interpret, routes is not None, batch, routes or 1)
 
 
 # ---------------------------------------------------------------------------------------------
 # memory_read: the tables given.
 
-def read(h, pos, weight, gamma=None, scale=None, *, interpret=False, block_l=None):
+def read(h, pos, weight, gamma=None, scale=None, *, interpret=False, block_sizes=None):
   """memory_read on TPU: h (batch, L, G, C), pos and weight (batch, K, G, L) float32, gamma
-  (G, C) or None, scale (batch, G, L) or None."""
-  cfg = _config(h, pos.shape[1], gamma, scale, block_l, interpret)
+  (G, C) or None, scale (batch, G, L) or None. block_sizes: a BlockSizes (None: chosen for the
+  shape). interpret: False, or the Pallas TPU interpreter's parameters (any platform)."""
+  cfg = _config(h, pos.shape[1], gamma, scale, block_sizes, interpret)
   return _read(cfg, h, pos, weight, gamma, scale)
 
 
@@ -211,12 +228,12 @@ _read.defvjp(_read_fwd, _read_bwd)
 # ---------------------------------------------------------------------------------------------
 # learned_read: phi's product of h gives the tables.
 
-def learned(h, w, b, reach, gamma=None, scale=None, *, interpret=False, block_l=None):
+def learned(h, w, b, reach, gamma=None, scale=None, *, interpret=False, block_sizes=None):
   """learned_read on TPU (kernels/learned.py's contract): h (batch, L, G, C); w (R, S C, 2 K S)
   and b (R, 2 K S), each route's phi; reach (G,) float32; gamma (G, C) or None; scale
-  (batch, G, L) or None."""
+  (batch, G, L) or None. block_sizes, interpret: as `read`'s."""
   R, D, J = w.shape
-  cfg = _config(h, J * R // (2 * h.shape[2]), gamma, scale, block_l, interpret, routes=R)
+  cfg = _config(h, J * R // (2 * h.shape[2]), gamma, scale, block_sizes, interpret, routes=R)
   width, starts = cfg.route_window
   # each route's W^T (2 K S, D) at its lanes' place in its window, zeros around (autodiff
   # takes d W back out of d W_window)
@@ -268,20 +285,16 @@ def _tables(cfg, pos, weight, scale):
   """The HBM tables, the arguments as they come, positions last: the location and the weight
   of every (point, head), (batch, K G, L) (a view of (batch, K, G, L)), unless phi makes them;
   and the scale of every head, (batch, G, L). A kernel copies its chunk's columns of each to
-  SMEM. When L is not a multiple of block_l, then the tails too: each table's last chunk,
-  padded to block_l columns (location 0, weight 0) (Mosaic copies no part of a row of 128-lane
-  tiles to SMEM)."""
-  out = []
-  if pos is not None:
-    batch, K, G, L = pos.shape
-    out += [pos.reshape(batch, K * G, L), weight.reshape(batch, K * G, L)]
-  if scale is not None:
-    out.append(scale.astype(F32))
-  if cfg.ragged:
-    start = (cfg.n_chunks - 1) * cfg.block_l
-    out += [jnp.pad(t[:, :, start:], [(0, 0), (0, 0), (0, cfg.n_chunks * cfg.block_l - cfg.length)])
-            for t in out]
-  return out
+  SMEM. Returns (tables, tails): when L is not a multiple of block_l the tails are each table's
+  last chunk, padded to block_l columns (location 0, weight 0) (Mosaic copies no part of a row
+  of 128-lane tiles to SMEM), else None."""
+  by_point = lambda x: None if x is None else x.reshape(x.shape[0], -1, x.shape[-1])
+  tables = Tables(by_point(pos), by_point(weight), None if scale is None else scale.astype(F32))
+  if not cfg.ragged:
+    return tables, None
+  start, pad = (cfg.n_chunks - 1) * cfg.block_l, cfg.n_chunks * cfg.block_l - cfg.length
+  return tables, jax.tree.map(lambda t: jnp.pad(t[:, :, start:], [(0, 0), (0, 0), (0, pad)]),
+                              tables)
 
 
 def vmem_limit():
@@ -325,7 +338,7 @@ def _vmem_bytes(cfg, itemsize, backward):
   chunk_in = pad(cfg.block_l, cfg.width, itemsize)
   row = pad(1, cfg.width)
   phi = 0
-  if cfg.phi:  # W, b and reach blocks; the tables and phi's product of a chunk; in the
+  if cfg.has_phi:  # W, b and reach blocks; the tables and phi's product of a chunk; in the
     # backward also d W and d b (blocks and scratch), the reach factors and d logits
     w, col = pad(cfg.logits, cfg.route_window[0]), pad(cfg.logits, 1)
     tables = pad(cfg.logits, cfg.chunk_lanes)
@@ -339,31 +352,35 @@ def _vmem_bytes(cfg, itemsize, backward):
 
 
 def _call(cfg, kernel, name, out_shape, in_specs, out_specs, scratch, tables, args, backward):
+  """The pallas_call over (split, image, chunk): `tables` the HBM (tables, tails), `args` the
+  other inputs, an absent one None (and its ref in the kernel); the kernel's SMEM tables and
+  DMA semaphores are added after `scratch`. Refuses in one line an image that does not fit
+  vmem_limit(); states the kernel's cost to XLA."""
   need, limit = _vmem_bytes(cfg, args[0].dtype.itemsize, backward), vmem_limit()
   if need > limit:
     raise ValueError(f"{name.rsplit('_', 1)[0]} pallas_tpu: an image of L={cfg.length} x "
                      f"G*C={cfg.width} needs {need / 2**20:.0f} MiB of VMEM (limit "
                      f"{limit / 2**20:.0f} MiB); use backend='xla'")
   # the locations and weights: one table of phi's rows, or the two arguments'; the scale's
-  smem = ([pltpu.SMEM((cfg.logits, cfg.chunk_lanes), F32)] if cfg.phi else
-          [pltpu.SMEM((cfg.logits // 2, cfg.block_l), F32)] * 2)
-  smem += [pltpu.SMEM((cfg.heads, cfg.block_l), F32)] * cfg.scale
-  scratch = scratch + smem + [pltpu.SemaphoreType.DMA((3,))]  # tables (and image) copies
-  present = [a for a in args if a is not None]
-  specs = [s for a, s in zip(args, in_specs) if a is not None]
-  outs = out_shape if isinstance(out_shape, list) else [out_shape]
-  nbytes = sum(math.prod(x.shape) * x.dtype.itemsize for x in [*tables, *present, *outs])
+  per_point = pltpu.SMEM((cfg.logits // 2, cfg.block_l), F32)
+  tables_s = Tables(pltpu.SMEM((cfg.logits, cfg.chunk_lanes), F32) if cfg.has_phi else per_point,
+                    None if cfg.has_phi else per_point,
+                    pltpu.SMEM((cfg.heads, cfg.block_l), F32) if cfg.has_scale else None)
+  scratch = [*scratch, tables_s, pltpu.SemaphoreType.DMA((3,))]  # tables (and image) copies
+  nbytes = sum(math.prod(x.shape) * x.dtype.itemsize
+               for x in jax.tree.leaves([tables, args, out_shape]))
+  hbm = pl.BlockSpec(memory_space=pl.ANY)
   return pl.pallas_call(
-      functools.partial(kernel, cfg), out_shape=out_shape,
+      functools.partial(kernel, cfg=cfg), out_shape=out_shape,
       grid=(cfg.splits, cfg.per_split, cfg.n_chunks),
-      in_specs=[pl.BlockSpec(memory_space=pl.ANY)] * len(tables) + specs,
+      in_specs=[*jax.tree.map(lambda _: hbm, tables), *in_specs],
       out_specs=out_specs, scratch_shapes=scratch, interpret=cfg.interpret, name=name,
       cost_estimate=pl.CostEstimate(**_work(cfg, backward), bytes_accessed=nbytes),
       compiler_params=pltpu.CompilerParams(
           dimension_semantics=("parallel", "arbitrary", "arbitrary"),
           vmem_limit_bytes=min(max(need * 5 // 4, 16 * 2**20), max(limit, 16 * 2**20))
           if need > 12 * 2**20 else None),
-  )(*tables, *present)
+  )(*tables, *args)
 
 
 def _work(cfg, backward):
@@ -372,7 +389,7 @@ def _work(cfg, backward):
   products over their lane windows, in the backward also dh's and d W's) and exps."""
   taps = 2 * cfg.batch * cfg.length * cfg.heads * cfg.points * 2 * cfg.channels
   phi = exps = 0
-  if cfg.phi:
+  if cfg.has_phi:
     positions = cfg.batch * cfg.n_chunks * cfg.chunk_lanes
     phi = 2 * positions * cfg.logits * cfg.route_window[0]
     exps = positions * cfg.logits
@@ -380,7 +397,7 @@ def _work(cfg, backward):
 
 
 def _name(cfg, direction):
-  return ("learned_read_" if cfg.phi else "memory_read_") + direction
+  return ("learned_read_" if cfg.has_phi else "memory_read_") + direction
 
 
 def _spec(cfg, block, index):
@@ -401,39 +418,43 @@ def _specs(cfg):
 
 
 def _phi_specs(cfg):
-  """W, b and reach: whole, the same block at every step."""
+  """W, b and reach: whole, the same block at every step (None for memory_read)."""
+  if not cfg.has_phi:
+    return [None] * 3
   whole = lambda *shape: _spec(cfg, shape, lambda b, c: (0,) * len(shape))
   return [whole(cfg.routes, cfg.route_rows, cfg.route_window[0]), whole(cfg.logits, 1),
           whole(cfg.logits // 2, 1)]
 
 
-def _load_tables(cfg, hbm_refs, smem, sem):
-  """The chunk's columns of the HBM tables -> SMEM; a ragged last chunk's from the tails."""
+def _load_tables(cfg, tables_hbm, tails_hbm, tables_s, sem):
+  """The chunk's columns of the HBM tables -> their SMEM tables; a ragged last chunk's from
+  the tails. (learned_read's locations and weights are made in VMEM: phi_pallas_tpu.tables.)"""
   b, c = _ids(cfg)
-  hbm_refs, tails = hbm_refs[:cfg.n_tables], hbm_refs[cfg.n_tables:]
-  smem = smem[1:] if cfg.phi else smem  # phi makes the locations and weights
-  if not hbm_refs:
+  tails_hbm = tails_hbm or Tables(None, None, None)
+  moves = [(src, tail, dst) for src, tail, dst in zip(tables_hbm, tails_hbm, tables_s)
+           if src is not None]
+  if not moves:
     return
 
-  def copy(srcs, dsts):
+  def copy(srcs):
     copies = [pltpu.make_async_copy(src, dst, sem.at[i])
-              for i, (src, dst) in enumerate(zip(srcs, dsts))]
+              for i, (src, (_, _, dst)) in enumerate(zip(srcs, moves))]
     for cp in copies:
       cp.start()
     for cp in copies:
       cp.wait()
 
   if cfg.n_chunks == 1:
-    copy([src.at[b] for src in hbm_refs], smem)
+    copy([src.at[b] for src, _, _ in moves])
     return
   bl = cfg.block_l  # a multiple of 128
-  whole = lambda: copy([src.at[b, :, pl.ds(pl.multiple_of(c * bl, bl), bl)] for src in hbm_refs],
-                       smem)
+  whole = lambda: copy([src.at[b, :, pl.ds(pl.multiple_of(c * bl, bl), bl)]
+                        for src, _, _ in moves])
   if not cfg.ragged:
     whole()
     return
   pl.when(c < cfg.n_chunks - 1)(whole)
-  pl.when(c == cfg.n_chunks - 1)(lambda: copy([t.at[b] for t in tails], smem))
+  pl.when(c == cfg.n_chunks - 1)(lambda: copy([tail.at[b] for _, tail, _ in moves]))
 
 
 def _image_f32(cfg, h_hbm, hf_s, stage, sem):
@@ -502,13 +523,13 @@ def _dma(src, dst, sem):
 
 
 def _staging(cfg, dtype):
-  """The staging slabs of h's dtype (cfg.copy): a whole one and, where L ends in a partial
-  one, one of its rows."""
+  """The staging slabs of h's dtype when cfg.copy (else None): a whole one and, where L ends in
+  a partial one, one of its rows (else None)."""
   if not cfg.copy:
-    return []
+    return None
   rows, _, tail = cfg.slabs
-  return [pltpu.VMEM((rows, cfg.width), dtype)] + [pltpu.VMEM((tail, cfg.width), dtype)] * (
-      tail > 0)
+  return (pltpu.VMEM((rows, cfg.width), dtype),
+          pltpu.VMEM((tail, cfg.width), dtype) if tail else None)
 
 
 def _chunk_start(cfg):
@@ -518,12 +539,12 @@ def _chunk_start(cfg):
 def _tap(cfg, tables_s, t, g, k):
   """Tap (g, k) of the chunk's position t: its two rows, their weights (scale not included);
   the rows and the fraction as `read.taps` gives them."""
-  if cfg.phi:
+  if cfg.has_phi:
     e = phi_pallas_tpu.row(cfg, g, k)
-    p, wk = tables_s[0][e, t], tables_s[0][e + cfg.route_rows // 2, t]
+    p, wk = tables_s.pos[e, t], tables_s.pos[e + cfg.route_rows // 2, t]
   else:
     e = k * cfg.heads + g
-    p, wk = tables_s[0][e, t], tables_s[1][e, t]
+    p, wk = tables_s.pos[e, t], tables_s.weight[e, t]
   floor = p.astype(jnp.int32)  # truncates: one less where that rounded a negative p up
   floor = jnp.where(floor.astype(F32) > p, floor - 1, floor)
   fk = p - floor.astype(F32)
@@ -532,7 +553,7 @@ def _tap(cfg, tables_s, t, g, k):
 
 
 def _scale(cfg, tables_s, t, g):
-  return tables_s[-1][g, t] if cfg.scale else None
+  return tables_s.scale[g, t] if cfg.has_scale else None
 
 
 def _head_windows(cfg):
@@ -551,38 +572,31 @@ def _head_windows(cfg):
   return out
 
 
-def _split(cfg, refs, present):
-  """The kernel's refs: HBM tables, inputs (None where `present` says absent), the rest."""
-  n_tables = cfg.n_tables * (1 + cfg.ragged)
-  tables, rest = refs[:n_tables], list(refs[n_tables:])
-  return tables, [rest.pop(0) if p else None for p in present], rest
-
-
 # ---------------------------------------------------------------------------------------------
 # Forward.
 
 def _forward(cfg, tables, h_BLW, gamma_row, phi=(None, None, None)):
   image, chunk, row = _specs(cfg)
-  scratch = [pltpu.VMEM((cfg.rows, cfg.width), F32), pltpu.VMEM((cfg.block_l, cfg.width), F32)]
-  if cfg.phi:
-    scratch.append(pltpu.VMEM((cfg.logits, cfg.chunk_lanes), F32))
-  scratch += _staging(cfg, h_BLW.dtype)
+  scratch = [pltpu.VMEM((cfg.rows, cfg.width), F32), pltpu.VMEM((cfg.block_l, cfg.width), F32),
+             pltpu.VMEM((cfg.logits, cfg.chunk_lanes), F32) if cfg.has_phi else None,
+             _staging(cfg, h_BLW.dtype)]
   return _call(cfg, _fwd_kernel, _name(cfg, "fwd"),
-               jax.ShapeDtypeStruct(h_BLW.shape, h_BLW.dtype), [image, row] + _phi_specs(cfg),
-               chunk, scratch, tables, [h_BLW, gamma_row, *phi], backward=False)
+               jax.ShapeDtypeStruct(h_BLW.shape, h_BLW.dtype),
+               [image, row if cfg.has_gamma else None, *_phi_specs(cfg)], chunk, scratch,
+               tables, [h_BLW, gamma_row, *phi], backward=False)
 
 
-def _fwd_kernel(cfg, *refs):
-  tables_hbm, (h_ref, gamma_ref, *phi_refs), rest = _split(
-      cfg, refs, (True, cfg.gamma) + (cfg.phi,) * 3)
-  o_ref, hf_s, out_s, *rest = rest
-  tab_v = rest.pop(0) if cfg.phi else None
-  stage = [rest.pop(0) for _ in _staging(cfg, F32)]
-  tables_s, sem = rest[:-1], rest[-1]
-  hf = _image_f32(cfg, h_ref, hf_s, stage, sem)
-  _load_tables(cfg, tables_hbm, tables_s, sem)
-  if cfg.phi:
-    phi_pallas_tpu.tables(cfg, hf, _chunk_start(cfg), phi_refs, tab_v, tables_s, sem)
+def _fwd_kernel(tables_hbm, tails_hbm,  # the HBM tables (Tables), a ragged chunk's (or None)
+                h_ref, gamma_ref, w_ref, b_ref, reach_ref,  # inputs (h in HBM; phi's: learned)
+                o_ref,  # output: a chunk of out
+                hf_s, out_s, tab_s, stage_s,  # scratch: image, out chunk, phi's table, staging
+                tables_s, sem,  # SMEM tables, DMA semaphores
+                *, cfg):
+  hf = _image_f32(cfg, h_ref, hf_s, stage_s, sem)
+  _load_tables(cfg, tables_hbm, tails_hbm, tables_s, sem)
+  if cfg.has_phi:
+    phi_pallas_tpu.tables(cfg, hf, _chunk_start(cfg), w_ref, b_ref, reach_ref, tab_s,
+                          tables_s.pos, sem)
   windows = _head_windows(cfg)
   first = _ids(cfg)[1] * cfg.block_l
 
@@ -593,9 +607,9 @@ def _fwd_kernel(cfg, *refs):
       for k in range(cfg.points):
         i0, i1, w0, w1 = _tap(cfg, tables_s, t, g, k)
         acc = acc + w0 * hf[pl.ds(i0, 1), start:stop] + w1 * hf[pl.ds(i1, 1), start:stop]
-      if cfg.gamma:
+      if cfg.has_gamma:
         acc = hf[pl.ds(own, 1), start:stop] + gamma_ref[:, start:stop] * acc
-      if cfg.scale:
+      if cfg.has_scale:
         acc = _scale(cfg, tables_s, t, g) * acc
       out_s[pl.ds(t, 1), start:stop] = jnp.where(mask, acc, out_s[pl.ds(t, 1), start:stop])
     return carry
@@ -609,57 +623,51 @@ def _fwd_kernel(cfg, *refs):
 
 def _backward(cfg, tables, h_BLW, dout_BLW, gamma_row, phi=(None, None, None)):
   """The kernel's outputs by name: dh; dots (memory_read: the chunk's dots, positions last;
-  learned_read: d scale, when there is a scale); dgamma per split of the batch; learned_read:
-  dw, db per split."""
+  learned_read: d scale, when there is a scale; else None); dgamma per split of the batch;
+  learned_read: dw, db per split (else None)."""
   image, chunk, row = _specs(cfg)
   per_split = lambda *shape: (
       jax.ShapeDtypeStruct((cfg.splits, *shape), F32),
       pl.BlockSpec((None, *shape), lambda s, j, c: (s,) + (0,) * len(shape)))
   per_chunk = lambda rows, n: (jax.ShapeDtypeStruct((cfg.batch, rows, cfg.n_chunks * n), F32),
                                _spec(cfg, (None, rows, n), lambda b, c: (b, 0, c)))
-  outs = {"dh": (jax.ShapeDtypeStruct(h_BLW.shape, h_BLW.dtype), image)}
-  if not cfg.phi:
-    outs["dots"] = per_chunk(cfg.dot_lanes, cfg.block_l)
-  elif cfg.scale:
-    outs["dots"] = per_chunk(cfg.heads, cfg.chunk_lanes)
-  outs["dgamma"] = per_split(1, cfg.width)
+  absent = (None, None)
+  w_shape = (cfg.routes, cfg.route_rows, cfg.route_window[0])
+  outs = dict(
+      dh=(jax.ShapeDtypeStruct(h_BLW.shape, h_BLW.dtype), image),
+      dots=(per_chunk(cfg.dot_lanes, cfg.block_l) if not cfg.has_phi else
+            per_chunk(cfg.heads, cfg.chunk_lanes) if cfg.has_scale else absent),
+      dgamma=per_split(1, cfg.width),
+      dw=per_split(*w_shape) if cfg.has_phi else absent,
+      db=per_split(cfg.logits, 1) if cfg.has_phi else absent)
+  phi_scratch = lambda *shape: pltpu.VMEM(shape, F32) if cfg.has_phi else None
   scratch = [
       pltpu.VMEM((cfg.rows, cfg.width), F32), pltpu.VMEM((cfg.rows, cfg.width), F32),
       pltpu.VMEM((cfg.block_l, cfg.width), F32),
-      pltpu.VMEM(cfg.dots_tile, F32), pltpu.VMEM((1, cfg.width), F32)]
-  if cfg.phi:
-    w_shape = (cfg.routes, cfg.route_rows, cfg.route_window[0])
-    outs["dw"], outs["db"] = per_split(*w_shape), per_split(cfg.logits, 1)
-    scratch += [pltpu.VMEM((cfg.logits, cfg.chunk_lanes), F32),
-                pltpu.VMEM((cfg.logits // 2, cfg.chunk_lanes), F32),
-                pltpu.VMEM(w_shape, F32), pltpu.VMEM((cfg.logits, 1), F32)]
-  scratch += _staging(cfg, h_BLW.dtype)  # h in, then dh out
+      pltpu.VMEM(cfg.dots_tile, F32), pltpu.VMEM((1, cfg.width), F32),
+      phi_scratch(cfg.logits, cfg.chunk_lanes), phi_scratch(cfg.logits // 2, cfg.chunk_lanes),
+      phi_scratch(*w_shape), phi_scratch(cfg.logits, 1),
+      _staging(cfg, h_BLW.dtype)]  # h in, then dh out
   shapes, specs = zip(*outs.values())
   got = _call(cfg, _bwd_kernel, _name(cfg, "bwd"), list(shapes),
-              [image, chunk, row] + _phi_specs(cfg), list(specs), scratch, tables,
-              [h_BLW, dout_BLW, gamma_row, *phi], backward=True)
+              [image, chunk, row if cfg.has_gamma else None, *_phi_specs(cfg)], list(specs),
+              scratch, tables, [h_BLW, dout_BLW, gamma_row, *phi], backward=True)
   return dict(zip(outs, got))
 
 
-def _bwd_kernel(cfg, *refs):
-  tables_hbm, (h_ref, dout_ref, gamma_ref, *phi_refs), rest = _split(
-      cfg, refs, (True, True, cfg.gamma) + (cfg.phi,) * 3)
-  dh_ref = rest.pop(0)
-  dots_ref = rest.pop(0) if not cfg.phi or cfg.scale else None
-  dgamma_ref = rest.pop(0)
-  dw_ref, db_ref = (rest.pop(0), rest.pop(0)) if cfg.phi else (None, None)
-  hf_s, dh_s, dout_s, dots_s, dgamma_s = rest[:5]
-  rest = rest[5:]
-  phi_s = rest[:4] if cfg.phi else None  # tables, reach factors, d W, d b
-  rest = rest[4 * cfg.phi:]
-  stage = [rest.pop(0) for _ in _staging(cfg, F32)]
-  tables_s, sem = rest[:-1], rest[-1]
+def _bwd_kernel(tables_hbm, tails_hbm,  # the HBM tables (Tables), a ragged chunk's (or None)
+                h_ref, dout_ref, gamma_ref, w_ref, b_ref, reach_ref,  # inputs
+                dh_ref, dots_ref, dgamma_ref, dw_ref, db_ref,  # outputs (see _backward)
+                hf_s, dh_s, dout_s, dots_s, dgamma_s,  # scratch: image, dh, d out, dots, d gamma
+                tab_s, fac_s, dw_s, db_s,  # scratch, learned_read: phi's table, reach factors,
+                stage_s, tables_s, sem,  # d W, d b; staging; SMEM tables; DMA semaphores
+                *, cfg):
   j, c = pl.program_id(1), _ids(cfg)[1]
-  hf = _image_f32(cfg, h_ref, hf_s, stage, sem)
-  _load_tables(cfg, tables_hbm, tables_s, sem)
-  if cfg.phi:
-    phi_pallas_tpu.tables(cfg, hf, _chunk_start(cfg), phi_refs, phi_s[0], tables_s, sem,
-                          fac_v=phi_s[1])
+  hf = _image_f32(cfg, h_ref, hf_s, stage_s, sem)
+  _load_tables(cfg, tables_hbm, tails_hbm, tables_s, sem)
+  if cfg.has_phi:
+    phi_pallas_tpu.tables(cfg, hf, _chunk_start(cfg), w_ref, b_ref, reach_ref, tab_s,
+                          tables_s.pos, sem, fac_s=fac_s)
   windows = _head_windows(cfg)
 
   @pl.when(c == 0)
@@ -668,7 +676,7 @@ def _bwd_kernel(cfg, *refs):
 
   @pl.when((j == 0) & (c == 0))  # the split's sums
   def _():
-    for acc in [dgamma_s] + (phi_s[2:] if cfg.phi else []):
+    for acc in [dgamma_s] + ([dw_s, db_s] if cfg.has_phi else []):
       acc[...] = jnp.zeros_like(acc)
 
   dout_s[...] = dout_ref[...].astype(F32)  # rows of a float32 chunk: a dynamic index reads them
@@ -681,7 +689,7 @@ def _bwd_kernel(cfg, *refs):
     own = jnp.minimum(first + t, cfg.length - 1)
     d = dout_s[pl.ds(t, 1), :]
     d = jnp.where(jnp.full(d.shape, t, jnp.int32) < lim, d, 0.0)
-    e_row = d * gamma_ref[...] if cfg.gamma else d  # d read = scale * e
+    e_row = d * gamma_ref[...] if cfg.has_gamma else d  # d read = scale * e
     dots = jnp.zeros((1, cfg.dots_tile[1]), F32)
     for g, (start, stop, mask) in enumerate(windows):
       e = jnp.where(mask, e_row[:, start:stop], 0.0)
@@ -696,48 +704,48 @@ def _bwd_kernel(cfg, *refs):
         dots = jnp.where(lane == lane1, jnp.sum(r1 * d_read, axis=1, keepdims=True), dots)
         dh_s[pl.ds(i0, 1), start:stop] += w0 * d_read
         dh_s[pl.ds(i1, 1), start:stop] += w1 * d_read
-        if cfg.gamma or cfg.scale:
+        if cfg.has_gamma or cfg.has_scale:
           read = read + w0 * r0 + w1 * r1
       d_scale = jnp.sum(read * e, axis=1, keepdims=True)  # <h', d out> = <read, e> + <h, d out>
-      if cfg.gamma:  # h' = h + gamma read: the residual path, d gamma, and <h, d out>
+      if cfg.has_gamma:  # h' = h + gamma read: the residual path, d gamma, and <h, d out>
         d_g = jnp.where(mask, d[:, start:stop], 0.0)
         sd = d_g if sc is None else sc * d_g
         dh_s[pl.ds(own, 1), start:stop] += sd
         dgamma_s[:, start:stop] += sd * read
         d_scale += jnp.sum(hf[pl.ds(own, 1), start:stop] * d_g, axis=1, keepdims=True)
-      if cfg.scale:
+      if cfg.has_scale:
         dots = jnp.where(lane == 2 * G * K + g, d_scale, dots)
     dots_s[pl.ds(t, 1), :] = dots
     return carry
 
   jax.lax.fori_loop(0, cfg.block_l, position, 0)
   dots = dots_s[...].T  # positions last
-  if not cfg.phi:
+  if not cfg.has_phi:
     dots_ref[...] = dots[:cfg.dot_lanes, :cfg.block_l]
   else:
     valid = jax.lax.broadcasted_iota(jnp.int32, (1, cfg.chunk_lanes), 1) < lim
-    if cfg.scale:
+    if cfg.has_scale:
       dots_ref[...] = jnp.where(valid, dots[2 * G * K:2 * G * K + G], 0.0)
-    phi_pallas_tpu.backward(cfg, hf, _chunk_start(cfg), phi_refs[0], phi_s, dh_s,
+    phi_pallas_tpu.backward(cfg, hf, _chunk_start(cfg), w_ref, tab_s, fac_s, dw_s, db_s, dh_s,
                             jnp.where(valid, dots[:2 * G * K], 0.0))
 
   @pl.when(c == cfg.n_chunks - 1)
   def _():
-    _put_dh(cfg, dh_s, dh_ref, stage, sem)
+    _put_dh(cfg, dh_s, dh_ref, stage_s, sem)
 
   @pl.when((j == cfg.per_split - 1) & (c == cfg.n_chunks - 1))
   def _():
     dgamma_ref[...] = dgamma_s[...]
-    if cfg.phi:
-      dw_ref[...] = phi_s[2][...]
-      db_ref[...] = phi_s[3][...]
+    if cfg.has_phi:
+      dw_ref[...] = dw_s[...]
+      db_ref[...] = db_s[...]
 
 
 def _dot_lanes(cfg, g, k):
   """The lanes of <h[p0], d read> and <h[p1], d read> of head g's tap k in a position's dots:
   (row, point, head) for memory_read, in the rows of phi's table (location and weight rows)
   for learned_read."""
-  if cfg.phi:
+  if cfg.has_phi:
     e = phi_pallas_tpu.row(cfg, g, k)
     return e, e + cfg.route_rows // 2
   return k * cfg.heads + g, cfg.heads * cfg.points + k * cfg.heads + g

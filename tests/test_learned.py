@@ -64,7 +64,8 @@ def assert_close(fn, oracle, args, fwd_tol=FWD_TOL, grad_tol=GRAD_TOL, label="")
 
 def pallas_interpret(block_l=128, interpret=pltpu.InterpretParams(
     out_of_bounds_reads="uninitialized")):
-  return functools.partial(learned.pallas_tpu, interpret=interpret, block_l=block_l)
+  return functools.partial(learned.pallas_tpu, interpret=interpret,
+                           block_sizes=read_pallas_tpu.BlockSizes(block_l))
 
 
 BACKENDS = {"xla": learned.xla, "cpu": learned.cpu, "pallas_tpu": pallas_interpret()}
@@ -181,6 +182,6 @@ def test_compiles_for_a_tpu_chip(name, dtype):
 
 def test_default_blocks_fit_vmem_at_the_model_shapes():
   for L, G, C in MODEL_SHAPES.values():
-    cfg = read_pallas_tpu._Config(L, G, C, 8, read_pallas_tpu.BlockSizes().block_l, True, True,
-                                  True, False, phi=True)
+    block_l = read_pallas_tpu.BlockSizes().for_shape(L).block_l
+    cfg = read_pallas_tpu.ReadConfig(L, G, C, 8, block_l, True, True, True, False, has_phi=True)
     assert read_pallas_tpu._vmem_bytes(cfg, 2, backward=True) < read_pallas_tpu.VMEM_LIMIT_BYTES

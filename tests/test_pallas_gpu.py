@@ -15,11 +15,12 @@ from scan_cases import (MODEL_SHAPES, check_against_reference, check_unit_readou
 TRITON_CALL = "__gpu$xla.gpu.triton"
 
 
-def _backend(**kw):
-  return functools.partial(pallas_gpu.selective_scan, interpret=True, **kw)
+def _backend(**blocks):
+  return functools.partial(pallas_gpu.selective_scan, interpret=True,
+                           block_sizes=pallas_gpu.BlockSizes(**blocks))
 
 
-# (batch, L, D, G, N, chunk, reverse, with_z, with_D, delta_softplus)
+# (batch, L, D, G, N, block_l, reverse, with_z, with_D, delta_softplus)
 CASES = [
     (2, 1, 8, 1, 1, None, False, True, True, True),        # L = 1
     (2, 7, 16, 4, 16, None, True, True, True, True),       # L = 7, 4 groups, reverse
@@ -34,10 +35,10 @@ CASES = [
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "b{}_L{}_D{}_G{}_N{}_c{}_rev{}_z{}_D{}_sp{}".format(*c))
 def test_matches_reference_fp32(case):
-  batch, length, d_inner, groups, n_state, chunk, reverse, with_z, with_D, softplus = case
+  batch, length, d_inner, groups, n_state, block_l, reverse, with_z, with_D, softplus = case
   inputs = make_inputs(sum(case[:5]), batch=batch, length=length, d_inner=d_inner,
                        n_state=n_state, groups=groups, with_z=with_z, with_D=with_D)
-  check_against_reference(_backend(chunk=chunk), inputs, str(case), reverse=reverse,
+  check_against_reference(_backend(block_l=block_l), inputs, str(case), reverse=reverse,
                           delta_softplus=softplus)
 
 
@@ -45,19 +46,26 @@ def test_matches_reference_fp32(case):
 def test_matches_reference_bf16(reverse):
   inputs = make_inputs(7 + reverse, batch=2, length=33, d_inner=16, n_state=16, groups=2,
                        dtype=jnp.bfloat16)
-  check_against_reference(_backend(chunk=8), inputs, "bf16", reverse=reverse,
+  check_against_reference(_backend(block_l=8), inputs, "bf16", reverse=reverse,
                           delta_softplus=True)
 
 
 def test_jit_and_block_d_override():
   inputs = make_inputs(11, batch=2, length=20, d_inner=32, n_state=1, groups=1)
-  check_against_reference(_backend(block_d=8, chunk=6), inputs, "block_d=8 chunk=6",
+  check_against_reference(_backend(block_d=8, block_l=6), inputs, "block_d=8 block_l=6",
                           delta_softplus=True)
+
+
+def test_block_sizes_default_and_validation():
+  assert pallas_gpu.BlockSizes().for_shape(2000, 384, 1, 4) == pallas_gpu.BlockSizes(32, 64)
+  assert pallas_gpu.BlockSizes().for_shape(20, 24, 16, 1) == pallas_gpu.BlockSizes(8, 20)
+  with pytest.raises(ValueError, match="block_d=6 must be a power of two dividing D // G = 96"):
+    pallas_gpu.BlockSizes(block_d=6).for_shape(64, 384, 1, 4)
 
 
 @pytest.mark.parametrize("reverse", [False, True])
 def test_unit_readout_returns_the_hidden_states(reverse):
-  check_unit_readout(_backend(chunk=16), reverse=reverse)
+  check_unit_readout(_backend(block_l=16), reverse=reverse)
 
 
 # The model shapes, and one with N = 3 (padded to 4 in registers).

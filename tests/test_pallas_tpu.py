@@ -26,7 +26,8 @@ pytestmark = pytest.mark.usefixtures("race_states")  # every interpreted kernel 
 
 
 def pallas_backend(**blocks):
-  return functools.partial(pallas_tpu.selective_scan, interpret=INTERPRET, **blocks)
+  return functools.partial(pallas_tpu.selective_scan, interpret=INTERPRET,
+                           block_sizes=pallas_tpu.BlockSizes(**blocks))
 
 
 # (name, make_inputs kwargs, block sizes, flags). Blocks are small to give several chunks and tiles.
@@ -97,7 +98,8 @@ def test_block_choice_fits_vmem():
                                            (196, 1536, 4, 1), (49, 3072, 4, 1),
                                            (197, 384, 1, 16)]:
     gn = groups * n_state
-    block_d, block_l = pallas_tpu.choose_blocks(length, d_inner, n_state, gn)
+    blocks = pallas_tpu.BlockSizes().for_shape(length, d_inner, n_state, groups)
+    block_d, block_l = blocks.block_d, blocks.block_l
     assert d_inner % block_d == 0 and block_d % 128 == 0
     assert block_l == length or block_l % 16 == 0
     blocks = 2 * (7 * pad(block_l, block_d) + 4 * pad(block_l, gn) + 4 * pad(n_state, block_d))
@@ -105,8 +107,11 @@ def test_block_choice_fits_vmem():
     print(f"\nblocks {length, d_inner, groups, n_state}: block_l={block_l} block_d={block_d} "
           f"VMEM {(blocks + scratch) / 2**20:.1f} MiB")
     assert blocks + scratch <= 12 * 2**20
-  with pytest.raises(ValueError, match="block_d"):
-    pallas_tpu.choose_blocks(64, 384, 1, 1, block_d=100)
+  with pytest.raises(ValueError, match="block_d=100 must be D=384 or a multiple of 128"):
+    pallas_tpu.BlockSizes(block_d=100).for_shape(64, 384, 1, 1)
+  with pytest.raises(ValueError, match="block_l=12 must be a multiple of 8"):
+    pallas_tpu.BlockSizes(block_l=12).for_shape(64, 384, 1, 1)
+  assert pallas_tpu.BlockSizes(block_l=1024).for_shape(64, 384, 1, 1).block_l == 64
 
 
 # ---------------------------------------------------------------------------------------------

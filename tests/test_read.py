@@ -69,7 +69,8 @@ def assert_close(fn, oracle, args, fwd_tol=FWD_TOL, grad_tol=GRAD_TOL, label="")
 
 
 def pallas_interpret(block_l):
-  return functools.partial(read.pallas_tpu, interpret=INTERPRET, block_l=block_l)
+  return functools.partial(read.pallas_tpu, interpret=INTERPRET,
+                           block_sizes=read_pallas_tpu.BlockSizes(block_l))
 
 
 BACKENDS = {"xla": read.xla, "cpu": read.cpu, "pallas_tpu": pallas_interpret(128)}
@@ -278,7 +279,8 @@ def test_forward_only_is_the_kernels_forward_with_xlas_backward():
 def test_pallas_block_and_vmem_limits_are_named():
   h, pos, weight = make_inputs(0, length=64)
   with pytest.raises(ValueError, match="block_l=12 must be a multiple of 128"):
-    read.pallas_tpu(h, pos, weight, interpret=INTERPRET, block_l=12)
+    read.pallas_tpu(h, pos, weight, interpret=INTERPRET,
+                    block_sizes=read_pallas_tpu.BlockSizes(block_l=12))
   big = jax.ShapeDtypeStruct((1, 300_000, 1, 128), jnp.float32)  # 146 MiB of float32 rows
   p = jax.ShapeDtypeStruct((1, 4, 1, 300_000), jnp.float32)
   with pytest.raises(ValueError, match="MiB of VMEM"):
@@ -341,6 +343,6 @@ def test_compiles_for_a_tpu_chip(name, dtype):
 
 def test_default_blocks_fit_vmem_at_the_model_shapes():
   for L, G, C in MODEL_SHAPES.values():
-    cfg = read_pallas_tpu._Config(L, G, C, 8, read_pallas_tpu.BlockSizes().block_l, True, True,
-                                  True, False)
+    block_l = read_pallas_tpu.BlockSizes().for_shape(L).block_l
+    cfg = read_pallas_tpu.ReadConfig(L, G, C, 8, block_l, True, True, True, False)
     assert read_pallas_tpu._vmem_bytes(cfg, 2, backward=True) < read_pallas_tpu.VMEM_LIMIT_BYTES
