@@ -1,12 +1,12 @@
 """Times `kernels.memory_read` as Adaptor-T calls it, forward and forward+backward, per backend.
 
-  python benchmarks/read.py [--batch=2] [--iters=15] [--backends=xla,cpu]
+  python benchmarks/read.py [--batch=2] [--iters=15] [--backends=xla,cpu] [--out=PATH]
 
 Shapes: the booster's (adaptor_vmamba_tiny's) four stages, 4 routes x 4 groups = 16 heads of
 D / 4 channels, K = 4 points, with gamma and the scan's C as scale; the locations as Adaptor-T
 makes them (backward- and forward-looking windows of L / 2^(3 - s), clipped), fp32. Reports the
 median of --iters calls after warm-up, per stage and summed over the model's layers (depths
-2, 2, 8, 2). Writes benchmarks/results/read-<platform>.json.
+2, 2, 8, 2). Writes benchmarks/results/read-<platform>.json (or --out).
 """
 import argparse
 import os
@@ -42,10 +42,11 @@ def main():
   parser.add_argument("--batch", type=int, default=2)
   parser.add_argument("--iters", type=int, default=15)
   parser.add_argument("--backends", default=None, help="comma-separated; default: the device's")
+  parser.add_argument("--out", default=None, help="default benchmarks/results/read-<platform>.json")
   args = parser.parse_args()
   platform = jax.default_backend()
   backends = args.backends.split(",") if args.backends else PLATFORM_BACKENDS[platform]
-  path = os.path.join(results_file.RESULTS, f"read-{platform}.json")
+  path = args.out or os.path.join(results_file.RESULTS, f"read-{platform}.json")
   results = results_file.load(path)
   totals = {}
   for stage, (length, channels, layers) in STAGES.items():
