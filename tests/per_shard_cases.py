@@ -93,7 +93,8 @@ def scan_under_meshes(result):
   from scan_cases import make_inputs, rel_err, value_and_grads  # noqa: PLC0415
 
   backends = {"xla": "xla", "pallas_tpu_interpret": functools.partial(
-      pallas_tpu.selective_scan, interpret=pltpu.InterpretParams(), block_l=8)}
+      pallas_tpu.selective_scan, interpret=pltpu.InterpretParams(),
+      block_sizes=pallas_tpu.BlockSizes(block_l=8))}
   inputs = make_inputs(5, batch=8, length=24, d_inner=16, n_state=1, groups=2)
   flags = dict(delta_softplus=True, reverse=True)
   types = jax.sharding.AxisType

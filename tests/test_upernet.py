@@ -161,20 +161,21 @@ def test_upernet_outputs_and_gradients():
                                 dims=(8, 16, 24, 32), depths=(1, 1, 1, 1), channels=16,
                                 aux_channels=8, scan_backend="xla")
   x = jnp.asarray(_rng(4).normal(size=(2, 64, 96, 3)), jnp.float32)
-  logits, aux = model(x)
-  assert logits.shape == (2, 16, 24, 7) and aux.shape == (2, 4, 6, 7)
 
   def loss(m):
     main, side = m(x)
-    return jnp.mean(main ** 2) + 0.4 * jnp.mean(side ** 2)
-  grads = nnx.grad(loss)(model)
+    return jnp.mean(main ** 2) + 0.4 * jnp.mean(side ** 2), (main, side)
+  (_, (logits, aux)), grads = nnx.jit(
+      lambda m: nnx.value_and_grad(loss, has_aux=True)(m))(model)  # one compile, not op by op
+  assert logits.shape == (2, 16, 24, 7) and aux.shape == (2, 4, 6, 7)
   norms = {"/".join(map(str, p)): float(jnp.linalg.norm(g)) for p, g in
            nnx.to_flat_state(grads)}
   assert all(np.isfinite(v) for v in norms.values())
   assert norms["decode_head/conv_seg/kernel"] > 0 and norms["auxiliary_head/conv_seg/kernel"] > 0
   assert norms["backbone/patch_embed/conv1/kernel"] > 0
   model.eval()
-  assert model(x).shape == (2, 16, 24, 7)
+  out = jax.eval_shape(lambda: model(x))
+  assert isinstance(out, jax.ShapeDtypeStruct) and out.shape == (2, 16, 24, 7)
 
 
 @pytest.mark.parametrize("name,params,gflops,target", [
