@@ -292,6 +292,44 @@ def test_nms_jit_and_vmap_agree_with_one_image_at_a_time():
                                                                      0.6), 20))
 
 
+def np_multiclass_nms(b_PK, s_PC, score_thr, thr, max_num):
+  """mmdet's multiclass_nms: every (RoI, class) above score_thr, NMS per class, the best."""
+  P, C = s_PC.shape[0], s_PC.shape[1] - 1
+  pairs = np.broadcast_to(b_PK.reshape(P, -1, 4), (P, C, 4)).reshape(-1, 4)
+  scores, labels = s_PC[:, :C].reshape(-1), np.tile(np.arange(C), P)
+  inds = np.nonzero(scores > score_thr)[0]
+  keep = np_nms(pairs[inds], scores[inds], thr, idxs=labels[inds])[:max_num]
+  return pairs[inds][keep], scores[inds][keep], labels[inds][keep]
+
+
+@pytest.mark.parametrize("class_specific", [True, False])
+def test_multiclass_nms_is_mmdets(class_specific):
+  rng = np.random.default_rng(11)
+  P, C = 60, 5
+  base = random_boxes(rng, P)
+  b = (np.concatenate([base + rng.normal(0, 2, (P, 4)).astype(np.float32) for _ in range(C)], 1)
+       if class_specific else base)
+  logits = rng.normal(0, 2, (P, C + 1))
+  s = (np.exp(logits) / np.exp(logits).sum(1, keepdims=True)).astype(np.float32)
+  want_b, want_s, want_l = np_multiclass_nms(b, s, 0.05, 0.5, 40)
+  got_b, got_s, got_l, ok = jax.jit(functools.partial(
+      boxes.multiclass_nms, score_thr=0.05, iou_threshold=0.5, max_per_img=40,
+      max_candidates=P * C))(jnp.asarray(b), jnp.asarray(s))
+  n = len(want_s)
+  assert 0 < n <= 40 and int(ok.sum()) == n
+  np.testing.assert_array_equal(np.asarray(got_b[:n]), want_b)
+  np.testing.assert_array_equal(np.asarray(got_s[:n]), want_s)
+  np.testing.assert_array_equal(np.asarray(got_l[:n]), want_l)
+  assert np.all(np.asarray(got_l[n:]) == -1) and np.all(np.asarray(got_s[n:]) == 0)
+  # padded RoIs give nothing
+  valid = np.arange(P) < 30
+  want = np_multiclass_nms(b[:30], s[:30], 0.05, 0.5, 40)
+  got = boxes.multiclass_nms(jnp.asarray(b), jnp.asarray(s), score_thr=0.05, iou_threshold=0.5,
+                             max_per_img=40, max_candidates=P * C, valid_P=jnp.asarray(valid))
+  np.testing.assert_array_equal(np.asarray(got[2][:len(want[2])]), want[2])
+  assert int(got[3].sum()) == len(want[2])
+
+
 # ------------------------------------------------------------------------------------------------
 # Shape errors.
 

@@ -16,6 +16,10 @@ to an NMS threshold may decide differently):
                the order of the RPN's A output channels, which imported weights follow
   nms          torchvision.ops.nms: greedy in score order, IoU > threshold suppresses
   batched_nms  torchvision.ops.batched_nms: NMS within each idxs value (class or level)
+  multiclass_nms  mmdet's multiclass_nms (the box head's test-time detections): every (box,
+               class) above score_thr, NMS per class, the best max_per_img; with static shapes
+               only the max_candidates best pairs enter NMS (mmdet takes every one above the
+               threshold): a departure only for an image with more such pairs
 
 The NMS here builds the (N, N) IoU matrix of the candidates and walks them in score order in a
 lax.while_loop: memory N^2 floats (16 MB at N = 2000) and N sequential steps at most, which
@@ -250,3 +254,28 @@ def batched_nms(boxes_N4, scores_N, idxs_N, iou_threshold, max_out, valid_N=None
   float error of the threshold."""
   _check_candidates(boxes_N4, scores_N, valid_N, idxs_N, max_out)
   return _nms(boxes_N4, scores_N, idxs_N, iou_threshold, max_out, valid_N)
+
+
+def multiclass_nms(boxes_PK, scores_PC, *, score_thr, iou_threshold, max_per_img,
+                   max_candidates=1000, valid_P=None):
+  """mmdet's multiclass_nms with static shapes. boxes_PK: (P, 4 C) class-specific boxes (or
+  (P, 4), one box for every class); scores_PC: (P, C + 1) probabilities, background last;
+  valid_P masks padded RoIs. The (box, class) pairs scoring above score_thr, in row-major (RoI,
+  class) order, at most the max_candidates best (ties: lower index first), go through
+  batched_nms by class. Returns (boxes (max_per_img, 4), scores, labels (int32), valid), best
+  first; past the kept ones boxes and scores are 0 and labels -1."""
+  P, C = jnp.shape(scores_PC)[0], jnp.shape(scores_PC)[-1] - 1
+  if jnp.ndim(scores_PC) != 2 or C < 1 or jnp.shape(boxes_PK) not in ((P, 4), (P, 4 * C)):
+    raise ValueError(f"scores_PC: want (P, C + 1) with boxes_PK (P, 4 C) or (P, 4), got "
+                     f"{jnp.shape(scores_PC)} and {boxes_PK.shape}")
+  pairs_N4 = jnp.broadcast_to(boxes_PK.reshape(P, -1, 4), (P, C, 4)).reshape(P * C, 4)
+  scores_N = scores_PC[:, :C].reshape(P * C)
+  labels_N = jnp.broadcast_to(jnp.arange(C, dtype=jnp.int32), (P, C)).reshape(P * C)
+  ok_N = scores_N > score_thr
+  if valid_P is not None:
+    ok_N = ok_N & jnp.repeat(valid_P.astype(bool), C)
+  best_K, take_K = lax.top_k(jnp.where(ok_N, scores_N, -jnp.inf), min(max_candidates, P * C))
+  keep, valid = batched_nms(pairs_N4[take_K], best_K, labels_N[take_K], iou_threshold,
+                            max_per_img, ok_N[take_K])
+  return (jnp.where(valid[:, None], pairs_N4[take_K][keep], 0.0),
+          jnp.where(valid, best_K[keep], 0.0), jnp.where(valid, labels_N[take_K][keep], -1), valid)
