@@ -6,7 +6,7 @@ import jax
 from flax import nnx
 
 from adaptor_jax import errors
-from adaptor_jax.models import deit, upernet, vim, vmamba
+from adaptor_jax.models import deit, maskrcnn, upernet, vim, vmamba
 from adaptor_jax.models.vmamba import VSSM
 
 _TINY = dict(dims=(96, 192, 384, 768), depths=(2, 2, 8, 2), ssm_ratio=1.0, drop_path_rate=0.2)
@@ -60,16 +60,24 @@ UPERNET_PRESETS = {f"upernet_{short}": backbone for short, backbone in (
     ("b1", "mamba_adaptor_b1"), ("b2", "mamba_adaptor_b2"), ("vmamba_tiny", "vmamba_tiny"),
     ("vmamba_small", "vmamba_small"), ("vmamba_base", "vmamba_base"))}
 _UPERNET_OWN = ("channels", "aux_channels", "aux_stage", "dropout", "dtype")
+# Mask R-CNN on the same backbones (COCO detection, models/maskrcnn.py).
+MASKRCNN_PRESETS = {f"maskrcnn_{short}": backbone for short, backbone in (
+    ("b1", "mamba_adaptor_b1"), ("b2", "mamba_adaptor_b2"), ("vmamba_tiny", "vmamba_tiny"),
+    ("vmamba_small", "vmamba_small"), ("vmamba_base", "vmamba_base"))}
+_MASKRCNN_OWN = ("channels", "dtype")
 
 
 def list_models():
   """Every preset name."""
   return (sorted(VMAMBA_PRESETS) + sorted(vim.PRESETS) + sorted(deit.PRESETS)
-          + sorted(UPERNET_PRESETS))
+          + sorted(UPERNET_PRESETS) + sorted(MASKRCNN_PRESETS))
 
 
 def task_of(name):
-  """The task a preset is trained for (training/tasks.py): segmentation for upernet_*."""
+  """The task a preset is trained for (training/tasks.py): segmentation for upernet_*, detection
+  for maskrcnn_* (no task trains it yet)."""
+  if name in MASKRCNN_PRESETS:
+    return "detection"
   return "segmentation" if name in UPERNET_PRESETS else "classification"
 
 
@@ -77,12 +85,14 @@ def from_classifier(name):
   """How a dense preset starts from a classifier of its backbone: (the prefix of its backbone's
   params, the classifier's parts it leaves out, its own parts that start at init); None for a
   classifier."""
+  if name in MASKRCNN_PRESETS:
+    return maskrcnn.FROM_CLASSIFIER
   return upernet.FROM_CLASSIFIER if name in UPERNET_PRESETS else None
 
 
 def is_vmamba(name):
   """Whether preset `name` is of the VMamba family or has a VMamba backbone (forms, adaptors)."""
-  return name in VMAMBA_PRESETS or name in UPERNET_PRESETS
+  return name in VMAMBA_PRESETS or name in UPERNET_PRESETS or name in MASKRCNN_PRESETS
 
 
 def has_scan(name):
@@ -109,6 +119,11 @@ def create_model(name, *, num_classes=1000, rngs: nnx.Rngs, **overrides):
     backbone = {**VMAMBA_PRESETS[UPERNET_PRESETS[name]],
                 **{k: v for k, v in overrides.items() if k not in _UPERNET_OWN}}
     return upernet.UperNet(backbone=backbone, num_classes=num_classes, rngs=rngs, **own)
+  if name in MASKRCNN_PRESETS:
+    own = {k: v for k, v in overrides.items() if k in _MASKRCNN_OWN}
+    backbone = {**VMAMBA_PRESETS[MASKRCNN_PRESETS[name]],
+                **{k: v for k, v in overrides.items() if k not in _MASKRCNN_OWN}}
+    return maskrcnn.MaskRCNN(backbone=backbone, num_classes=num_classes, rngs=rngs, **own)
   raise UnknownModel(f"create_model: unknown model {name!r}; choose one of {list_models()}")
 
 
