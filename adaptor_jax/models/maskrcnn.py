@@ -35,7 +35,7 @@ TEST = dict(nms_pre=1000, max_proposals=1000, rpn_iou=0.7, score_thr=0.05, iou=0
 class MaskRCNN(nnx.Module):
   """backbone: the VSSM's constructor arguments (a preset of registry.VMAMBA_PRESETS). Takes
   images (B, H, W, 3) with H and W multiples of 32 and each image's unpadded (height, width)
-  (B, 2); returns per image (boxes (100, 4), scores (100,), labels (100,) int32 (-1: empty),
+  (B, 2) (None: the whole canvas); returns per image (boxes (100, 4), scores (100,), labels (100,) int32 (-1: empty),
   valid (100,), masks (100, 28, 28) probabilities)."""
 
   def __init__(self, *, backbone, num_classes=80, channels=256, dtype=jnp.float32,
@@ -55,7 +55,10 @@ class MaskRCNN(nnx.Module):
     stages = self.backbone(x_BHW3, return_features=True)
     return self.neck([norm(f) for norm, f in zip(self.outnorms, stages)])
 
-  def __call__(self, x_BHW3, image_hw_B2, test=TEST):
+  def __call__(self, x_BHW3, image_hw_B2=None, test=TEST):
+    if image_hw_B2 is None:  # every image fills the canvas
+      image_hw_B2 = jnp.broadcast_to(jnp.asarray(x_BHW3.shape[1:3], jnp.float32),
+                                     (x_BHW3.shape[0], 2))
     levels = self.features(x_BHW3)
     anchors = boxes.anchors([f.shape[1:3] for f in levels], strides=STRIDES)
     heads = self.rpn_head(levels)
