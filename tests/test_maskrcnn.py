@@ -3,6 +3,7 @@ static inference path of a tiny preset end to end (proposals, detections, masks)
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
@@ -48,3 +49,46 @@ def test_tiny_preset_detects_with_static_shapes():
     assert (det[b, :, 0::2] >= 0).all() and (det[b, :, 0::2] <= w).all()
     assert (det[b, :, 1::2] >= 0).all() and (det[b, :, 1::2] <= h).all()
   assert ((masks >= 0) & (masks <= 1)).all()
+
+
+def _tiny_batch():
+  """Two 64 x 96 canvases (the second image 50 x 70) with 2 and 1 objects (G = 3 padded): a
+  bright rectangle per object, its box, label and a full 28 x 28 crop as its mask."""
+  x = np.zeros((2, 64, 96, 3), np.float32)
+  gt = np.zeros((2, 3, 4), np.float32)
+  gt[0, :2] = [[8, 8, 40, 30], [50, 20, 90, 60]]
+  gt[1, :1] = [[10, 12, 44, 40]]
+  for b, n in ((0, 2), (1, 1)):
+    for x1, y1, x2, y2 in gt[b, :n].astype(int):
+      x[b, y1:y2, x1:x2] = 1.0
+  valid = np.asarray([[True, True, False], [True, False, False]])
+  labels = np.asarray([[1, 3, 0], [2, 0, 0]], np.int32)
+  masks = np.ones((2, 3, 28, 28), np.float32) * valid[..., None, None]
+  hw = np.asarray([[64.0, 96.0], [50.0, 70.0]], np.float32)
+  return tuple(jnp.asarray(a) for a in (x, hw, gt, labels, valid, masks))
+
+
+def test_tiny_preset_trains_its_five_losses_down():
+  model = registry.create_model("maskrcnn_b1", num_classes=5, rngs=nnx.Rngs(1),
+                                dims=(8, 16, 24, 32), depths=(1, 1, 1, 1), channels=16,
+                                scan_backend="xla")
+  batch = _tiny_batch()
+  train = dict(maskrcnn.TRAIN, nms_pre=200, max_proposals=100)
+  opt = nnx.Optimizer(model, optax.adamw(2e-3, weight_decay=0.0), wrt=nnx.Param)
+
+  @nnx.jit
+  def step(model, opt, key):
+    def total(m):
+      losses = m.losses(*batch, key, train)
+      return sum(losses.values()), losses
+    (_, losses), grads = nnx.value_and_grad(total, has_aux=True)(model)
+    opt.update(model, grads)
+    return losses
+
+  history = [step(model, opt, jax.random.PRNGKey(i)) for i in range(25)]
+  first, last = history[0], history[-1]
+  print({k: (round(float(first[k]), 4), round(float(last[k]), 4)) for k in first})
+  assert all(np.isfinite(float(v)) for h in history for v in h.values())
+  assert all(float(first[k]) > 0 for k in first)
+  total = [float(sum(h.values())) for h in history]
+  assert np.mean(total[-5:]) < 0.7 * np.mean(total[:5]), total
